@@ -1,0 +1,31 @@
+# `make demo` runs the main job on the built-in demo data; `make test` runs the whole test suite.
+# Both create the virtual environment in .venv and install requirements.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test test-fast benchmarks clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo: $(INSTALLED)
+	$(PY) pipeline.py
+
+test: $(INSTALLED)
+	$(PY) -m pytest -n 2 --dist loadgroup -q
+
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -n 2 -q -m "not slow"
+
+benchmarks: $(INSTALLED)
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs data/demo

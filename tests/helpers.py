@@ -1,0 +1,38 @@
+"""Run experiments from tests: in-process, or as a multi-process DDP job on CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_train(args: Sequence[str]):
+    """Run ``train.py`` in this process; return (trainer, module, datamodule, cfg)."""
+    import train
+
+    return train.run(list(args))
+
+
+def run_train_subprocess(args: Sequence[str], devices: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``train.py`` as ``devices`` CPU processes with the ``ddp`` strategy (gloo).
+
+    Lightning's plain ``ddp`` relaunches the script for every extra rank, so the job has to start
+    as a subprocess of the test rather than inside it. Raises AssertionError with the end of the
+    job's output when it fails.
+    """
+    command = [
+        sys.executable, str(REPO / "train.py"), *args,
+        "trainer.accelerator=cpu", f"trainer.devices={devices}", "trainer.strategy=ddp",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-6000:]
+        raise AssertionError(f"{' '.join(command)} exited with {result.returncode}:\n{tail}")
+    return result

@@ -1,0 +1,101 @@
+"""Run one experiment: ``python train.py experiment=NAME [key=value ...]``.
+
+Composes the configuration (``framework.config``), builds the DataModule, the LightningModule, the
+callbacks, the logger and the Trainer from it (``framework.build``), then runs the configured
+stages (``fit`` then ``test`` by default). Everything the run writes goes under ``run_dir``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities.model_helpers import is_overridden
+
+from framework.build import build_trainer, instantiate
+from framework.config import ConfigError, compose
+
+# Lightning's ddp strategy relaunches this script once per extra rank. The children inherit the
+# environment, so rank 0 publishes its resolved run directory here and they reuse it instead of
+# stamping a run directory of their own.
+RUN_DIR_ENV = "LOOPMIX_RUN_DIR"
+
+# Each stage after fitting and the DataModule hook that must exist for it to run.
+EVALUATION_LOADERS = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}
+STAGES = ("fit", *EVALUATION_LOADERS)
+
+
+def _run_dir(configured: str) -> Path:
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and "LOCAL_RANK" in os.environ:
+        return Path(inherited)
+    return Path(configured)
+
+
+def run(argv: Sequence[str]):
+    """Run the experiment described by ``argv``; return (trainer, module, datamodule, cfg)."""
+    cfg = compose(argv)
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}.")
+    run_dir = _run_dir(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.datamodule, "datamodule")
+    module = instantiate(cfg.model, "model")
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        for stage in cfg.stages:
+            _run_stage(stage, trainer, module, datamodule, cfg)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+    return trainer, module, datamodule, cfg
+
+
+def _run_stage(stage: str, trainer: pl.Trainer, module, datamodule, cfg) -> None:
+    if stage == "fit":
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        return
+    if not is_overridden(EVALUATION_LOADERS[stage], datamodule):
+        print(f"[train.py] skipping stage {stage!r}: the datamodule defines no {stage} data", file=sys.stderr)
+        return
+    fitted = "fit" in cfg.stages
+    ckpt_path = _evaluation_checkpoint(trainer) if fitted else cfg.ckpt_path
+    if stage == "predict":
+        trainer.predict(module, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
+    else:
+        getattr(trainer, stage)(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+
+def _evaluation_checkpoint(trainer: pl.Trainer) -> str | None:
+    """After fitting, evaluate the best checkpoint when one was selected by a monitor; else the
+    weights in memory (None)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.monitor and callback.best_model_path:
+        return callback.best_model_path
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
