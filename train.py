@@ -28,20 +28,17 @@ EVALUATION_LOADERS = {"validate": "val_dataloader", "test": "test_dataloader", "
 STAGES = ("fit", *EVALUATION_LOADERS)
 
 
-def _run_dir(configured: str) -> Path:
-    inherited = os.environ.get(RUN_DIR_ENV)
-    if inherited and "LOCAL_RANK" in os.environ:
-        return Path(inherited)
-    return Path(configured)
-
-
 def run(argv: Sequence[str]):
     """Run the experiment described by ``argv``; return (trainer, module, datamodule, cfg)."""
+    argv = list(argv)
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and "LOCAL_RANK" in os.environ:
+        argv.append(f"run_dir={inherited}")
     cfg = compose(argv)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}.")
-    run_dir = _run_dir(cfg.run_dir)
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(cfg.seed, workers=True)
