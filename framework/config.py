@@ -4,9 +4,10 @@
 
 1. ``configs/base.yaml``;
 2. one file per *config group*: a folder ``configs/<group>/`` whose file is chosen by a bare
-   ``group=name`` argument (``experiment=vqvae``, ``logger=csv``); each group's ``default`` key in
-   ``base.yaml``'s ``groups`` mapping names the file used when the argument is absent; the group
-   ``experiment`` is merged over the whole config, any other group replaces the node of its name;
+   ``group=name`` argument (``experiment=vqvae``, ``logger=csv``); ``base.yaml``'s ``groups``
+   mapping names the file used when the argument is absent; the group ``experiment`` is merged
+   over the whole config, any other group replaces the node of its name. A file may start from
+   others through a ``defaults`` mapping (see ``_load_group``);
 3. the remaining ``key=value`` arguments (OmegaConf dotlist syntax), in order.
 
 Struct mode is on for step 3: overriding a key that does not exist is an error naming the valid
@@ -48,10 +49,28 @@ def _group_names(config_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def _load_group(config_dir: Path, group: str, name: str, choices: list[str]) -> DictConfig:
+def _load_group(config_dir: Path, groups: dict[str, list[str]], group: str, name: str,
+                chain: tuple[str, ...] = ()) -> DictConfig:
+    """Load ``configs/<group>/<name>.yaml`` with its ``defaults`` applied.
+
+    A file's ``defaults`` mapping names files of other groups to start from: ``{datamodule:
+    phrases}`` places ``configs/datamodule/phrases.yaml`` under the key ``datamodule``; a file's own
+    group (``{experiment: mixer}`` in an experiment file) is inherited whole. The file's own keys
+    are merged over those.
+    """
+    choices = groups.get(group, [])
     if name not in choices:
         raise ConfigError(f"Unknown {group} {name!r}; choose one of: {', '.join(choices)}.")
-    return OmegaConf.load(config_dir / group / f"{name}.yaml")
+    here = f"{group}/{name}"
+    if here in chain:
+        raise ConfigError(f"Config defaults form a cycle: {' -> '.join((*chain, here))}.")
+    node = OmegaConf.load(config_dir / group / f"{name}.yaml")
+    defaults = node.pop("defaults", None) or {}
+    merged = OmegaConf.create()
+    for parent_group, parent_name in defaults.items():
+        parent = _load_group(config_dir, groups, parent_group, parent_name, (*chain, here))
+        merged = OmegaConf.merge(merged, parent if parent_group == group else {parent_group: parent})
+    return OmegaConf.merge(merged, node)
 
 
 def _check_key(cfg: DictConfig, dotted: str) -> None:
@@ -97,11 +116,11 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConf
     if "experiment" in groups and "experiment" not in selected:
         raise ConfigError(f"Choose an experiment with experiment=NAME; one of: {', '.join(groups['experiment'])}.")
 
-    for group, choices in groups.items():
+    for group in groups:
         name = selected.get(group, defaults.get(group))
         if name is None:
             continue
-        node = _load_group(config_dir, group, name, choices)
+        node = _load_group(config_dir, groups, group, name)
         if group == "experiment":
             cfg = OmegaConf.merge(cfg, node)
             cfg.experiment = name

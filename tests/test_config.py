@@ -84,3 +84,21 @@ def test_real_base_config_run_dir_is_stamped_once():
     cfg = compose([f"experiment={sorted(p.stem for p in (CONFIG_DIR / 'experiment').glob('*.yaml'))[0]}"])
     assert cfg.run_dir.startswith(f"runs/{cfg.experiment}/")
     assert cfg.logger.name == "wandb" and cfg.logger.mode in ("offline", "online", "disabled")
+
+
+def test_defaults_compose_group_files_and_inherit_experiments(config_dir):
+    (config_dir / "datamodule").mkdir()
+    (config_dir / "datamodule" / "shared.yaml").write_text("_target_: a.B\nbatch_size: 8\nseed: 0\n")
+    (config_dir / "experiment" / "child.yaml").write_text(
+        "defaults: {experiment: toy, datamodule: shared}\ndatamodule: {batch_size: 32}\nmodel: {depth: 5}\n")
+    cfg = compose(["experiment=child"], config_dir)
+    assert cfg.datamodule == {"_target_": "a.B", "batch_size": 32, "seed": 0}
+    assert cfg.model == {"_target_": "x.Y", "lr": 0.001, "depth": 5}
+    assert cfg.trainer.max_epochs == 3 and cfg.experiment == "child"
+
+
+def test_cyclic_defaults_fail_clearly(config_dir):
+    (config_dir / "experiment" / "a.yaml").write_text("defaults: {experiment: b}\n")
+    (config_dir / "experiment" / "b.yaml").write_text("defaults: {experiment: a}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        compose(["experiment=a"], config_dir)
