@@ -127,8 +127,21 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConf
         else:
             cfg[group] = node
 
+    cfg = apply_overrides(cfg, overrides)
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, arguments: Sequence[str | tuple[str, str]]) -> DictConfig:
+    """Apply ``key=value`` arguments to ``cfg`` in order, in struct mode.
+
+    An unknown key is a ConfigError naming the valid keys at its level; ``+key=value`` adds a key.
+    Values are parsed as in an OmegaConf dotlist (``null``, numbers, lists, interpolations).
+    """
     OmegaConf.set_struct(cfg, True)
-    for key, value in overrides:
+    for argument in arguments:
+        key, value = _split(argument) if isinstance(argument, str) else argument
         adding = key.startswith("+")
         key = key.lstrip("+")
         if not adding:
@@ -137,8 +150,13 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConf
         OmegaConf.set_struct(cfg, not adding)
         OmegaConf.update(cfg, key, parsed, merge=False)
         OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_config(path: str | Path, argv: Sequence[str] = ()) -> DictConfig:
+    """A stand-alone script's config: the YAML file at ``path`` with ``argv`` applied, resolved."""
+    cfg = apply_overrides(OmegaConf.load(path), argv)
     OmegaConf.resolve(cfg)
-    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
