@@ -1,0 +1,356 @@
+"""Built-in demo data, so that every experiment runs without a download.
+
+``python -m datamodules.demo OUT [--seed 0] [--parts midi,loops,multitrack]`` or :func:`make_demo`
+writes, deterministically for a seed, any of three parts:
+
+``midi``
+    ``OUT/midi/<group>/song_<i>.mid``: ~200 songs of 16-48 bars with a drum track (channel 10), a
+    bass track (GM program 32-39) and a distractor (piano, guitar or strings). Most are 4/4; about 6%
+    are 3/4 and about 3% have no bass track (both kinds are for the phrase ingest to skip); about
+    20% change tempo (a jump or a closing ritardando). Songs are loop sections and through-composed
+    sections (see :mod:`datamodules.demo_patterns`) followed by one closing bar (crash, held root).
+
+    ``OUT/labels.json`` maps each file's path relative to ``OUT/midi`` to
+    ``{"loop": [start bars], "non_loop": [start bars]}`` of 8-bar windows (bars s .. s+7):
+
+    - *loop*: the window lies entirely inside one loop section, i.e. it repeats one 1-, 2- or 4-bar
+      pattern exactly;
+    - *non_loop*: every bar of the window is through-composed material (possibly from two adjacent
+      through-composed sections);
+    - anything else (a window straddling a section boundary, touching the closing bar, or in a 3/4 or
+      bass-less file) is left unlabelled. Window start bars are the phrase pipeline's: beat 0 is the
+      start of the file and a 4/4 bar is 16 sixteenth-note steps, so ``(path, start bar)`` joins with
+      the output of :func:`datamodules.pianoroll.midi_to_windows`. Every bar holds at least 4 drum
+      onsets and 4 bass cells, so every labelled window passes the phrase density rules.
+
+``loops``
+    ``OUT/loops/loop_<i>.wav``: ~300 mono 16-bit loops at 22,050 Hz, rendered by
+    :mod:`datamodules.synth` from loop patterns of the MIDI songs' family at 80-160 BPM: 1-, 2- and
+    4-bar patterns, and 8-bar loops (a 2- or 4-bar pattern with a fill in bar 8). ``OUT/loops/metadata.csv``
+    has columns ``file,bpm,bars``.
+
+``multitrack``
+    ``OUT/multitrack/{train,test}/<song>/*.wav`` and ``OUT/dry/<song>/*.wav`` from
+    :func:`datamodules.demo_multitrack.write_multitrack_demo`, which is called with a fresh staging
+    folder standing in for ``OUT`` and must create ``multitrack/`` and ``dry/`` inside it.
+
+Each part is built in a temporary folder inside ``OUT`` and moved into place only when complete;
+then a marker file ``OUT/.demo-<part>.json`` is written. :func:`ensure_demo_data` builds only the
+parts whose marker is absent, so a killed run leaves at most a ``.tmp-*`` folder that is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mido
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from datamodules import demo_patterns as patterns
+from datamodules.synth import render_phrases
+from framework.io import atomic_path
+
+ALL_PARTS = ("midi", "loops", "multitrack")
+PART_OUTPUTS = {"midi": ("midi", "labels.json"), "loops": ("loops",), "multitrack": ("multitrack", "dry")}
+LOOP_SR = 22050
+TICKS_PER_BEAT = 480
+TICKS_PER_STEP = TICKS_PER_BEAT // 4
+WINDOW_BARS = 8
+# One General MIDI note per drum class is chosen per song from these sets (the phrase pipeline's classes).
+GM_DRUM_NOTES = ((35, 36), (38, 40, 37), (42, 44), (41, 43, 45), (46,), (47, 48), (49, 57, 55), (50,), (51, 59))
+DISCARDED_DRUM_NOTES = (54, 56, 70)  # tambourine, cowbell, maracas: not phrase classes
+DISTRACTOR_PROGRAMS = (0, 4, 25, 27, 48)
+DRUM_CHANNEL = 9
+META_TYPES = ("time_signature", "set_tempo")
+
+
+def marker_path(root: str | os.PathLike, part: str) -> Path:
+    return Path(root) / f".demo-{part}.json"
+
+
+# ----------------------------------------------------------------------------------- MIDI songs
+def _tempo_map(rng: np.random.Generator, n_bars: int, steps_per_bar: int, changes: bool) -> list[tuple[int, float]]:
+    """(tick, BPM) tempo events: one tempo, or a jump at a bar / a ritardando over the last bars."""
+    bpm = float(rng.integers(70, 161))
+    events = [(0, bpm)]
+    if changes:
+        bar_ticks = steps_per_bar * TICKS_PER_STEP
+        if rng.random() < 0.5:
+            jump_bar = int(rng.integers(4, n_bars - 2))
+            new_bpm = float(np.clip(bpm + rng.choice([-1, 1]) * rng.integers(8, 30), 60, 180))
+            events.append((jump_bar * bar_ticks, new_bpm))
+        else:
+            first_beat = (n_bars - 3) * bar_ticks // TICKS_PER_BEAT
+            last_beat = n_bars * bar_ticks // TICKS_PER_BEAT
+            for beat in range(first_beat, last_beat):
+                slowdown = 0.3 * (beat - first_beat + 1) / (last_beat - first_beat)
+                events.append((beat * TICKS_PER_BEAT, bpm * (1 - slowdown)))
+    return events
+
+
+def _closing_bar(style: patterns.Style) -> patterns.Bar:
+    """A final hit: kick and crash on the downbeat and the tonic held through the whole bar."""
+    drums = ((0, patterns.KICK, 110), (0, patterns.CRASH, 110))
+    return patterns.Bar(style.steps, drums, ((0, style.steps, style.chord_root(0), 90),))
+
+
+def _note_events(channel: int, notes: Iterable[tuple[int, int, int, int]]) -> list[tuple[int, int, str, dict]]:
+    """(tick, order, message type, fields) for (on tick, off tick, pitch, velocity) notes; note-offs sort first."""
+    events = []
+    for on, off, pitch, velocity in notes:
+        events.append((on, 1, "note_on", {"channel": channel, "note": pitch, "velocity": velocity}))
+        events.append((off, 0, "note_off", {"channel": channel, "note": pitch, "velocity": 0}))
+    return events
+
+
+def _track(name: str, events: list[tuple[int, int, str, dict]]) -> mido.MidiTrack:
+    """A MIDI track of (absolute tick, order at equal ticks, message type, fields) events."""
+    track = mido.MidiTrack([mido.MetaMessage("track_name", name=name, time=0)])
+    tick = 0
+    for absolute, _, kind, fields in sorted(events, key=lambda event: (event[0], event[1])):
+        message_class = mido.MetaMessage if kind in META_TYPES else mido.Message
+        track.append(message_class(kind, time=absolute - tick, **fields))
+        tick = absolute
+    track.append(mido.MetaMessage("end_of_track", time=0))
+    return track
+
+
+def _song_midi(rng: np.random.Generator, bars: list[patterns.Bar], style: patterns.Style, with_bass: bool,
+               tempo_changes: bool) -> mido.MidiFile:
+    """The song as a type-1 MIDI file: conductor track plus drum, bass and distractor tracks in random order."""
+    steps = style.steps
+    conductor = [(0, 0, "time_signature", {"numerator": steps // 4, "denominator": 4})]
+    for tick, bpm in _tempo_map(rng, len(bars), steps, tempo_changes):
+        conductor.append((tick, 1, "set_tempo", {"tempo": mido.bpm2tempo(bpm)}))
+
+    drum_notes = [int(rng.choice(choices)) for choices in GM_DRUM_NOTES]
+    extra_drum = int(rng.choice(DISCARDED_DRUM_NOTES)) if rng.random() < 0.25 else None
+    drum_hits, bass_notes, chord_notes = [], [], []
+    for index, bar in enumerate(bars):
+        bar_tick = index * steps * TICKS_PER_STEP
+        for step, drum_class, velocity in bar.drums:
+            on = bar_tick + step * TICKS_PER_STEP + int(rng.integers(0, 12))
+            drum_hits.append((on, on + 60, drum_notes[drum_class], velocity))
+        if extra_drum is not None:
+            for step in range(4, steps, 8):
+                on = bar_tick + step * TICKS_PER_STEP
+                drum_hits.append((on, on + 60, extra_drum, 60))
+        for start, length, pitch, velocity in bar.bass:
+            on = bar_tick + start * TICKS_PER_STEP + int(rng.integers(0, 12))
+            off = bar_tick + (start + length) * TICKS_PER_STEP - int(rng.integers(0, 30))
+            bass_notes.append((on, off, pitch, velocity))
+        chord_root = bar.bass[0][2] + 24
+        for beat in range(0, steps // 4, 2):
+            on = bar_tick + beat * TICKS_PER_BEAT
+            for interval in (0, style.scale[2 % len(style.scale)], 7):
+                chord_notes.append((on, on + 2 * TICKS_PER_BEAT - 20, chord_root + interval, 55))
+
+    bass_program = int(rng.integers(32, 40))
+    distractor_program = int(rng.choice(DISTRACTOR_PROGRAMS))
+    instruments = [
+        _track("Drums", _note_events(DRUM_CHANNEL, drum_hits)),
+        _track("Keys", [(0, 0, "program_change", {"channel": 1, "program": distractor_program})]
+               + _note_events(1, chord_notes)),
+    ]
+    if with_bass:
+        instruments.append(_track("Bass", [(0, 0, "program_change", {"channel": 0, "program": bass_program})]
+                                  + _note_events(0, bass_notes)))
+    midi = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
+    midi.tracks.append(_track("Conductor", conductor))
+    for index in rng.permutation(len(instruments)):
+        midi.tracks.append(instruments[index])
+    return midi
+
+
+def window_labels(sections: list[patterns.Section], n_bars: int) -> dict[str, list[int]]:
+    """Start bars of the 8-bar windows that are loops and non-loops (definition: module docstring)."""
+    tags = ["closing"] * n_bars
+    for number, section in enumerate(sections):
+        for bar in range(section.start, section.end):
+            tags[bar] = f"loop{number}" if section.loop_period else "through"
+    labels: dict[str, list[int]] = {"loop": [], "non_loop": []}
+    for start in range(n_bars - WINDOW_BARS + 1):
+        window = set(tags[start:start + WINDOW_BARS])
+        if len(window) == 1:
+            (tag,) = window
+            if tag.startswith("loop"):
+                labels["loop"].append(start)
+            elif tag == "through":
+                labels["non_loop"].append(start)
+    return labels
+
+
+def _song_kinds(rng: np.random.Generator, n_songs: int) -> list[str]:
+    """'3/4', 'no_bass' or '4/4' per song: ~6% and ~3% (at least one each), the rest 4/4."""
+    n_waltz = max(1, round(0.06 * n_songs))
+    n_no_bass = max(1, round(0.03 * n_songs))
+    kinds = ["4/4"] * n_songs
+    order = rng.permutation(n_songs)
+    for index in order[:n_waltz]:
+        kinds[index] = "3/4"
+    for index in order[n_waltz:n_waltz + n_no_bass]:
+        kinds[index] = "no_bass"
+    return kinds
+
+
+def song_path(index: int) -> str:
+    """Path of song ``index`` relative to the MIDI folder (songs are grouped in folders of 50)."""
+    return f"{index // 50:02d}/song_{index:03d}.mid"
+
+
+def build_midi(stage: Path, seed: int, n_songs: int = 200) -> None:
+    """Write ``stage/midi/`` and ``stage/labels.json``."""
+    rng = np.random.default_rng([seed, 1])
+    kinds = _song_kinds(rng, n_songs)
+    tempo_changes = rng.random(n_songs) < 0.2
+    tempo_changes[rng.choice(np.flatnonzero(np.array(kinds) == "4/4"))] = True
+    labels = {}
+    for index in tqdm(range(n_songs), desc="demo MIDI songs", unit="song"):
+        style = patterns.random_style(rng, steps=12 if kinds[index] == "3/4" else 16)
+        n_bars = int(rng.integers(15, 48))
+        sections = patterns.song_sections(style, rng, n_bars)
+        bars = [bar for section in sections for bar in section.bars] + [_closing_bar(style)]
+        midi = _song_midi(rng, bars, style, with_bass=kinds[index] != "no_bass",
+                          tempo_changes=bool(tempo_changes[index]))
+        path = stage / "midi" / song_path(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        midi.save(str(path))
+        ingestible = kinds[index] == "4/4"
+        labels[song_path(index)] = window_labels(sections, len(bars)) if ingestible else {"loop": [], "non_loop": []}
+    (stage / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
+
+
+def read_window_labels(path: str | os.PathLike) -> dict[tuple[str, int], bool]:
+    """``labels.json`` as {(MIDI path relative to the MIDI folder, window start bar): is a loop}."""
+    labels = json.loads(Path(path).read_text())
+    return {(file, start): kind == "loop" for file, kinds in labels.items() for kind in ("loop", "non_loop")
+            for start in kinds[kind]}
+
+
+# ----------------------------------------------------------------------------------- audio loops
+def demo_loop(style: patterns.Style, rng: np.random.Generator, n_bars: int) -> list[patterns.Bar]:
+    """A loop of 1, 2, 4 or 8 bars; 8-bar loops repeat a 2- or 4-bar pattern and end with a fill."""
+    if n_bars <= 4:
+        return patterns.loop_pattern(style, rng, n_bars)
+    base = patterns.loop_pattern(style, rng, int(rng.choice([2, 4])))
+    bars = [base[index % len(base)] for index in range(n_bars)]
+    bars[-1] = patterns.Bar(style.steps, patterns.drum_bar(style, rng, variation=0.5, fill=True), bars[-1].bass)
+    return bars
+
+
+def build_loops(stage: Path, seed: int, n_loops: int = 300) -> None:
+    """Write ``stage/loops/loop_<i>.wav`` and ``stage/loops/metadata.csv``."""
+    rng = np.random.default_rng([seed, 2])
+    folder = stage / "loops"
+    folder.mkdir(parents=True)
+    rows = []
+    for index in tqdm(range(n_loops), desc="demo audio loops", unit="loop"):
+        n_bars = int(rng.choice([1, 2, 4, 8], p=[0.3, 0.3, 0.25, 0.15]))
+        bpm = int(rng.integers(80, 161))
+        bars = demo_loop(patterns.random_style(rng), rng, n_bars)
+        audio = render_phrases(patterns.song_roll(bars), bpm, sr=LOOP_SR)
+        name = f"loop_{index:03d}.wav"
+        sf.write(folder / name, audio, LOOP_SR, subtype="PCM_16")
+        rows.append((name, bpm, n_bars))
+    with open(folder / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("file", "bpm", "bars"))
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------------- multitrack
+def build_multitrack(stage: Path, seed: int) -> None:
+    """Write ``stage/multitrack/`` and ``stage/dry/`` with the multitrack demo writer."""
+    from datamodules.demo_multitrack import write_multitrack_demo
+
+    write_multitrack_demo(stage, seed)
+
+
+# ----------------------------------------------------------------------------------- parts
+def _build_part(root: Path, part: str, seed: int, builder: Callable[[Path, int], None]) -> None:
+    """Run ``builder`` in a staging folder inside ``root``, move its outputs into place, then mark the part done."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".tmp-demo-{part}-", dir=root) as staging:
+        stage = Path(staging)
+        builder(stage, seed)
+        missing = [name for name in PART_OUTPUTS[part] if not (stage / name).exists()]
+        if missing:
+            raise RuntimeError(f"demo part {part!r} did not produce {missing} in {stage}")
+        for name in PART_OUTPUTS[part]:
+            with atomic_path(root / name) as target:
+                os.replace(stage / name, target)
+    with atomic_path(marker_path(root, part)) as marker:
+        marker.write_text(json.dumps({"part": part, "seed": seed}) + "\n")
+
+
+def _check_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    parts = tuple(parts)
+    unknown = sorted(set(parts) - set(ALL_PARTS))
+    if unknown:
+        raise ValueError(f"unknown demo parts {unknown}; choose from {list(ALL_PARTS)}")
+    return parts
+
+
+def make_demo(out: str | os.PathLike, seed: int = 0, parts: Iterable[str] = ALL_PARTS, *,
+              n_songs: int = 200, n_loops: int = 300) -> Path:
+    """Build (or rebuild) the requested demo parts under ``out``; returns ``out`` as a Path."""
+    root = Path(out)
+    builders = {
+        "midi": lambda stage, seed: build_midi(stage, seed, n_songs=n_songs),
+        "loops": lambda stage, seed: build_loops(stage, seed, n_loops=n_loops),
+        "multitrack": build_multitrack,
+    }
+    for part in _check_parts(parts):
+        _build_part(root, part, seed, builders[part])
+    return root
+
+
+def part_is_complete(root: str | os.PathLike, part: str) -> bool:
+    """Whether ``part`` has its completion marker and all its outputs under ``root``."""
+    root = Path(root)
+    return marker_path(root, part).exists() and all((root / name).exists() for name in PART_OUTPUTS[part])
+
+
+def ensure_demo_data(root: str | os.PathLike, parts: Iterable[str] = ("midi", "loops"), seed: int = 0) -> Path:
+    """Build each requested part that is not complete under ``root`` (marker or an output absent); returns ``root``."""
+    root = Path(root)
+    missing = [part for part in _check_parts(parts) if not part_is_complete(root, part)]
+    if missing:
+        make_demo(root, seed=seed, parts=missing)
+    return root
+
+
+def ensure_demo_input(path: str | os.PathLike, demo_root: str | os.PathLike | None, part: str) -> Path:
+    """Make sure an input folder exists, creating demo ``part`` when ``path`` lies under ``demo_root``.
+
+    For DataModules' ``prepare_data``: a missing folder inside the demo root is created with
+    :func:`ensure_demo_data`; any other missing folder is an error naming it.
+    """
+    path = Path(path)
+    if not path.exists() and demo_root is not None and path.resolve().is_relative_to(Path(demo_root).resolve()):
+        ensure_demo_data(demo_root, parts=(part,))
+    if not path.exists():
+        raise FileNotFoundError(f"input folder {path} does not exist"
+                                + (f" (and is not inside the demo root {demo_root})" if demo_root is not None else ""))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the built-in demo data set.")
+    parser.add_argument("out", help="output folder (the demo root)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated subset of {','.join(ALL_PARTS)}")
+    args = parser.parse_args(argv)
+    root = make_demo(args.out, seed=args.seed, parts=[part for part in args.parts.split(",") if part])
+    print(f"demo data written to {root}")
+
+
+if __name__ == "__main__":
+    main()
