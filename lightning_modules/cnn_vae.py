@@ -1,0 +1,127 @@
+"""CNN-VAE baseline: the VQ-VAE's convolutional stacks around a continuous Gaussian latent.
+
+Encoder trunk (B, 57, 128) -> (B, 128, 32), flattened to 4096 -> Linear to the mean and (softplus)
+standard deviation of a 512-dimensional diagonal Gaussian; decoder Linear 512 -> 128 x 32 -> the
+VQ-VAE's upsampling path -> logits. Both loss terms are per cell: mean BCE over the 128 x 57 cells
++ beta x KL / (128 x 57), so beta = 1 is the ELBO divided by the number of cells; beta rises
+linearly from 0 to 1 over ``kl_warmup_epochs`` (fractional epochs, updated every step).
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics.classification import BinaryHammingDistance
+
+from lightning_modules.nets.conv_stacks import EncoderTrunk, UpsamplingDecoder
+from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cosine, threshold
+
+# Smallest standard deviation: keeps log(sigma) in the KL finite when softplus underflows.
+MIN_SIGMA = 1e-5
+
+
+def kl_weight(epochs_done: float, warmup_epochs: float) -> float:
+    """beta after ``epochs_done`` (fractional) epochs: linear from 0 to 1 over ``warmup_epochs``, then 1."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, max(0.0, epochs_done / warmup_epochs))
+
+
+class CNNVAE(pl.LightningModule):
+    """Phrase VAE with a 512-dimensional Gaussian latent; ``sample(n, generator)`` draws phrases from the prior."""
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        min_lr: float = 5e-6,
+        weight_decay: float = 0.01,
+        channels: int = 128,
+        latent_dim: int = 512,
+        kl_warmup_epochs: float = 50.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.code_steps = PHRASE_STEPS // 4
+        flat = channels * self.code_steps
+        self.encoder = EncoderTrunk(PHRASE_COLUMNS, channels)
+        self.to_posterior = nn.Linear(flat, 2 * latent_dim)
+        self.from_latent = nn.Linear(latent_dim, flat)
+        self.decoder = UpsamplingDecoder(channels, PHRASE_COLUMNS)
+        self.val_hamming = BinaryHammingDistance()
+        self.test_hamming = BinaryHammingDistance()
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation (B, latent_dim) of q(z | x) for phrases (B, 128, 57)."""
+        if x.dim() != 3 or x.shape[1:] != (PHRASE_STEPS, PHRASE_COLUMNS):
+            raise ValueError(f"CNNVAE expects phrases (N, {PHRASE_STEPS}, {PHRASE_COLUMNS}), got {tuple(x.shape)}.")
+        features = self.encoder(x.to(self.dtype).transpose(1, 2)).flatten(1)
+        mu, sigma = self.to_posterior(features).chunk(2, dim=1)
+        return mu, F.softplus(sigma) + MIN_SIGMA
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Logits (B, 128, 57) for latents (B, latent_dim)."""
+        features = self.from_latent(z).view(z.shape[0], self.hparams.channels, self.code_steps)
+        return self.decoder(features).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits from a reparameterised posterior sample, and the posterior's mean and std."""
+        mu, sigma = self.posterior(x)
+        z = mu + sigma * torch.randn_like(mu)
+        return self.decode(z), mu, sigma
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` phrases, bool (n, 128, 57), decoded from z ~ N(0, I) drawn with ``generator``
+        (which must live on the module's device)."""
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=self.device)
+        return threshold(torch.sigmoid(self.decode(z)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Thresholded reconstruction from the posterior mean, bool (N, 128, 57)."""
+        return threshold(torch.sigmoid(self.decode(self.posterior(x)[0])))
+
+    def _losses(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean BCE per cell, KL per cell (batch mean) and the logits."""
+        logits, mu, sigma = self(x)
+        bce = F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype))
+        kl = 0.5 * (mu.pow(2) + sigma.pow(2) - 1 - 2 * sigma.log()).sum(1).mean()
+        return bce, kl / (PHRASE_STEPS * PHRASE_COLUMNS), logits
+
+    def kl_weight_at(self, batch_idx: int) -> float:
+        """beta for training batch ``batch_idx`` of the current epoch."""
+        batches = self.trainer.num_training_batches
+        fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
+        return kl_weight(self.current_epoch + fraction, self.hparams.kl_warmup_epochs)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        bce, kl, _ = self._losses(batch)
+        beta = self.kl_weight_at(batch_idx)
+        loss = bce + beta * kl
+        size = batch.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/bce", bce, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/kl", kl, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_hamming)
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_hamming)
+
+    def _evaluate(self, batch: Tensor, stage: str, hamming: BinaryHammingDistance) -> None:
+        """ELBO terms at beta = 1 (comparable across epochs) and the Hamming error of the posterior-mean reconstruction."""
+        bce, kl, _ = self._losses(batch)
+        hamming.update(self.reconstruct(batch).long(), batch.long())
+        size = batch.shape[0]
+        self.log(f"{stage}/loss", bce + kl, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(f"{stage}/bce", bce, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(f"{stage}/kl", kl, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log(f"{stage}/hamming", hamming, on_epoch=True, batch_size=size)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_with_cosine(self, hp.lr, hp.min_lr, hp.weight_decay)
