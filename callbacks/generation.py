@@ -1,0 +1,152 @@
+"""Validation-time generation: sample phrases from the model, score them, and show a few."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from callbacks.media import log_media, pianoroll_grid, write_previews
+from callbacks.metrics import GenerativeMetrics, LoopScore, NoteDensity, UniquePitch
+from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS
+from datamodules.synth import DEFAULT_SR
+from framework.io import atomic_path
+from framework.seeding import sampling_generator
+from lightning_modules.loop_detector import LoopDetector
+
+
+class GenerationMetrics(pl.Callback):
+    """Every ``every_n_epochs`` validation epochs, generate phrases and log how they compare.
+
+    Protocol the LightningModule must follow: ``pl_module.sample(n, generator) -> Tensor``, bool
+    ``(n, 128, 57)`` phrases drawn with ``generator`` (a ``torch.Generator`` on the module's
+    device); the datamodule must offer ``val_phrases() -> Tensor``, the bool validation phrases.
+
+    Each rank draws its share of ``n_samples`` with
+    ``sampling_generator(seed + epoch, global_rank, device)``, so ranks draw different samples and
+    a run is reproducible; each rank adds every ``world_size``-th validation phrase, with its
+    position as index, so no phrase is counted twice. Logged (identical on every rank):
+    ``val/gen/loop_score`` (only with a ``detector``), ``val/gen/unique_pitch``,
+    ``val/gen/note_density``, ``val/gen/{precision,recall,density,coverage}`` with ``_std``, and
+    ``val/gen/f1_pr``, ``val/gen/f1_dc`` (see :class:`callbacks.metrics.GenerativeMetrics`).
+
+    After the metrics, rank zero writes the first ``n_media`` of its samples to
+    ``<default_root_dir>/samples/epoch=NNN/`` (``pianoroll.png``, ``sample_NN.mid``,
+    ``sample_NN.wav``) and sends them to any W&B logger. Disabled (``enabled=False``) or on a
+    skipped epoch, the callback samples nothing.
+
+    Args:
+        detector: path of a ``LoopDetector`` checkpoint, or a module with ``loop_score``; None
+            leaves the loop score out.
+        n_networks, max_samples, k, distinct_neighbours: see ``GenerativeMetrics``.
+        batch_size: phrases per ``sample`` call.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        n_samples: int = 256,
+        detector: str | os.PathLike | nn.Module | None = None,
+        n_networks: int = 10,
+        max_samples: int = 10_000,
+        k: int = 5,
+        distinct_neighbours: bool = False,
+        n_media: int = 4,
+        bpm: float = 120.0,
+        sample_rate: int = DEFAULT_SR,
+        seed: int = 0,
+        batch_size: int = 1024,
+        enabled: bool = True,
+    ):
+        if every_n_epochs < 1 or n_samples <= k or batch_size < 1:
+            raise ValueError(
+                f"need every_n_epochs >= 1, n_samples > k and batch_size >= 1, "
+                f"got {every_n_epochs}, {n_samples} (k={k}), {batch_size}"
+            )
+        self.every_n_epochs, self.n_samples, self.detector_source = every_n_epochs, n_samples, detector
+        self.n_media, self.bpm, self.sample_rate, self.seed = n_media, bpm, sample_rate, seed
+        self.batch_size, self.enabled = batch_size, enabled
+        self.generative = GenerativeMetrics(n_networks, max_samples, k, distinct_neighbours)
+        self.per_phrase: dict[str, Metric] = {"unique_pitch": UniquePitch(), "note_density": NoteDensity()}
+        self._real: tuple[Tensor, Tensor] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._real = None
+        if self.enabled and self.detector_source is not None and "loop_score" not in self.per_phrase:
+            self.per_phrase["loop_score"] = LoopScore(self._load_detector())
+
+    def _load_detector(self) -> nn.Module:
+        if isinstance(self.detector_source, nn.Module):
+            return self.detector_source
+        path = Path(self.detector_source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GenerationMetrics: detector checkpoint {path} does not exist")
+        return LoopDetector.load_from_checkpoint(path, map_location="cpu")
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return self.enabled and not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _real_shard(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
+        """This rank's validation phrases (every world_size-th) and their positions, read once."""
+        if self._real is None:
+            datamodule = trainer.datamodule
+            if not hasattr(datamodule, "val_phrases"):
+                raise AttributeError(f"GenerationMetrics needs {type(datamodule).__name__}.val_phrases()")
+            phrases = torch.as_tensor(datamodule.val_phrases()).bool()
+            index = torch.arange(trainer.global_rank, len(phrases), trainer.world_size)
+            self._real = phrases[index], index
+        return self._real
+
+    def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+        """This rank's share of the samples and their global sample numbers."""
+        rank, world = trainer.global_rank, trainer.world_size
+        share, extra = divmod(self.n_samples, world)
+        n = share + (rank < extra)
+        first = rank * share + min(rank, extra)
+        generator = sampling_generator(self.seed + trainer.current_epoch, rank, pl_module.device)
+        parts = []
+        for start in range(0, n, self.batch_size):
+            phrases = pl_module.sample(min(self.batch_size, n - start), generator)
+            if phrases.ndim != 3 or tuple(phrases.shape[1:]) != (PHRASE_STEPS, N_COLUMNS):
+                raise ValueError(
+                    f"{type(pl_module).__name__}.sample returned shape {tuple(phrases.shape)}, "
+                    f"not (n, {PHRASE_STEPS}, {N_COLUMNS})"
+                )
+            parts.append(phrases.bool())
+        empty = torch.zeros(0, PHRASE_STEPS, N_COLUMNS, dtype=torch.bool, device=pl_module.device)
+        fake = torch.cat(parts) if parts else empty
+        return fake, torch.arange(first, first + n, device=fake.device)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        device = pl_module.device
+        fake, fake_index = self._generate(trainer, pl_module)
+        real, real_index = self._real_shard(trainer)
+        generative = self.generative.to(device)
+        generative.update(real=real.to(device), fake=fake, real_index=real_index.to(device), fake_index=fake_index)
+        values = dict(generative.compute())
+        generative.reset()
+        for name, metric in self.per_phrase.items():
+            metric.to(device).update(fake, fake_index)
+            values[name] = metric.compute()
+            metric.reset()
+        pl_module.log_dict({f"val/gen/{name}": value.float() for name, value in values.items()}, sync_dist=True)
+        if trainer.is_global_zero and self.n_media > 0:
+            self._write_media(trainer, fake[: self.n_media].cpu())
+
+    def _write_media(self, trainer: pl.Trainer, phrases: Tensor) -> None:
+        root = Path(trainer.default_root_dir)
+        folder = root / "samples" / f"epoch={trainer.current_epoch:03d}"
+        with atomic_path(folder) as tmp:
+            pianoroll_grid(phrases, tmp / "pianoroll.png", title=f"epoch {trainer.current_epoch}")
+            write_previews(phrases, tmp, bpm=self.bpm, sample_rate=self.sample_rate, seed=self.seed)
+        previews = sorted(folder.glob("sample_*"))
+        log_media(
+            trainer, "val/gen", image=folder / "pianoroll.png",
+            audio=[p for p in previews if p.suffix == ".wav"],
+            files=[p for p in previews if p.suffix == ".mid"], base_path=root,
+        )
