@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datamodules.pianoroll import load_phrase_cache, unpack_phrases
+from datamodules.sharding import UnpaddedShardSampler
 from framework.io import atomic_path
 from lightning_modules.vqvae import VQVAE
 
@@ -193,8 +194,12 @@ class CodeDataModule(pl.LightningDataModule):
         return torch.from_numpy(empirical_first_index_distribution(self.train_codes, self.num_codes))
 
     def _loader(self, codes: Tensor, shuffle: bool) -> DataLoader:
+        """Training batches are shuffled (Lightning shards them under DDP); evaluation batches are
+        sharded across ranks without padding, so no sequence is counted twice."""
+        dataset = _CodeRows(codes)
         return DataLoader(
-            _CodeRows(codes), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=shuffle if shuffle else None,
+            sampler=None if shuffle else UnpaddedShardSampler(dataset), num_workers=self.num_workers,
             collate_fn=_whole_batch, drop_last=False,
         )
 

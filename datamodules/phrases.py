@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.demo import ensure_demo_input
 from datamodules.pianoroll import REPORT_NAME, ingest, load_phrase_cache, unpack_phrases
+from datamodules.sharding import UnpaddedShardSampler
 
 
 class PackedPhrases(Dataset):
@@ -103,10 +104,14 @@ class PhraseDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are shuffled (Lightning shards them under DDP); evaluation batches are
+        sharded across ranks without padding, so no phrase is counted twice."""
+        dataset = PackedPhrases(self.packed, self.splits[split])
         return DataLoader(
-            PackedPhrases(self.packed, self.splits[split]),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if shuffle else None,
+            sampler=None if shuffle else UnpaddedShardSampler(dataset),
             num_workers=self.hparams.num_workers,
             collate_fn=_as_batch,
             persistent_workers=self.hparams.num_workers > 0,
