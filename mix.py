@@ -1,0 +1,124 @@
+"""Mix a song's dry stems with a trained automatic mixer.
+
+    python mix.py ckpt=CKPT stems=DIR out=mix.wav [features=F] [chunk_seconds=10] \
+        [overlap_seconds=1] [device=cpu]
+
+``DIR`` holds ``vocals.wav bass.wav drums.wav other.wav`` (a missing stem is silence; mono is
+duplicated to stereo; shorter stems are zero-padded to the longest). Stems at another sample rate are
+resampled to the model's with librosa's ``soxr_hq``. The stems are effect-normalised with the
+training set's FxNorm features (``features=`` or the path the checkpoint recorded), including the
+inference reverb on vocals and other, then mixed chunk by chunk (``mix_song``) and written as a
+stereo float WAV at the model's sample rate with exactly the stems' length.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+
+from framework.io import atomic_path
+from lightning_modules.mixer import AutoMixer, mix_song
+
+STEMS = ("vocals", "bass", "drums", "other")
+DEFAULTS = {"ckpt": None, "stems": None, "out": None, "features": None, "chunk_seconds": 10.0,
+            "overlap_seconds": 1.0, "device": "cpu", "progress": True}
+REQUIRED = ("ckpt", "stems", "out")
+
+
+def parse_args(argv: Sequence[str]) -> dict:
+    """``key=value`` arguments over ``DEFAULTS``; unknown or missing keys raise ``ValueError``."""
+    malformed = [arg for arg in argv if "=" not in arg]
+    if malformed:
+        raise ValueError(f"arguments must be key=value, got {malformed}")
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(DEFAULTS)}")
+    args = {**DEFAULTS, **given}
+    missing = [key for key in REQUIRED if args[key] is None]
+    if missing:
+        raise ValueError(f"missing required key(s): {', '.join(missing)} (usage: python mix.py "
+                         "ckpt=CKPT stems=DIR out=mix.wav)")
+    return args
+
+
+def read_stems(folder: str | Path, sample_rate: int) -> dict[str, np.ndarray]:
+    """Stereo float32 ``(2, n)`` arrays for every stem name; missing stems are zeros of the common
+    length. Raises ``FileNotFoundError`` when the folder has none of the stems."""
+    folder = Path(folder)
+    loaded = {}
+    for name in STEMS:
+        path = folder / f"{name}.wav"
+        if not path.exists():
+            continue
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        audio = audio.T
+        if audio.shape[0] == 1:
+            audio = np.repeat(audio, 2, axis=0)
+        elif audio.shape[0] != 2:
+            raise ValueError(f"{path}: expected mono or stereo, got {audio.shape[0]} channels")
+        if rate != sample_rate:
+            audio = librosa.resample(audio, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
+        loaded[name] = audio.astype(np.float32)
+    if not loaded:
+        raise FileNotFoundError(f"{folder}: none of {', '.join(f'{s}.wav' for s in STEMS)} found")
+    length = max(audio.shape[-1] for audio in loaded.values())
+    stems = {}
+    for name in STEMS:
+        audio = loaded.get(name, np.zeros((2, length), dtype=np.float32))
+        stems[name] = np.pad(audio, ((0, 0), (0, length - audio.shape[-1])))
+    missing = [name for name in STEMS if name not in loaded]
+    if missing:
+        print(f"{folder}: no {', '.join(missing)} stem(s); mixing them as silence", file=sys.stderr)
+    return stems
+
+
+def features_path(model: AutoMixer, ckpt: str, override: str | None) -> str:
+    """The FxNorm feature file: the argument, else the module's ``features`` hyperparameter, else the
+    datamodule's ``features`` in the checkpoint's resolved config."""
+    path = override or model.hparams.get("features")
+    if not path:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        path = (checkpoint.get("config") or {}).get("datamodule", {}).get("features")
+    if not path:
+        raise ValueError("the checkpoint records no FxNorm features path; pass features=PATH")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"FxNorm features file {path} not found; pass features=PATH")
+    return str(path)
+
+
+def normalise(stems: dict[str, np.ndarray], features: str, sample_rate: int) -> np.ndarray:
+    """Effect-normalise the stems for inference and stack them as ``(8, n)`` in ``STEMS`` order."""
+    from datamodules.fxnorm import FxNormalizer
+
+    normalised = FxNormalizer.load(features).normalize_song(stems, sample_rate, inference=True)
+    return np.concatenate([np.asarray(normalised[name], dtype=np.float32) for name in STEMS])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"mix.py: {err}", file=sys.stderr)
+        return 2
+    device = torch.device(args["device"])
+    model = AutoMixer.load_from_checkpoint(args["ckpt"], map_location=device)
+    sample_rate = int(model.hparams.sample_rate)
+    stems = read_stems(args["stems"], sample_rate)
+    normalised = normalise(stems, features_path(model, args["ckpt"], args["features"]), sample_rate)
+    mix = mix_song(model, normalised, sample_rate, args["chunk_seconds"], args["overlap_seconds"],
+                   progress=args["progress"])
+    with atomic_path(args["out"]) as tmp:
+        sf.write(tmp, mix.T, sample_rate, subtype="FLOAT", format="WAV")
+    print(f"wrote {args['out']} ({mix.shape[-1] / sample_rate:.1f} s at {sample_rate} Hz)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
