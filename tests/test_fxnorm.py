@@ -27,7 +27,9 @@ from datamodules.fxnorm import (
     smooth_spectrum,
     zero_phase_fir,
 )
+from datamodules.fxnorm.audio import fft_filter
 from datamodules.fxnorm.drc import peak_normalize, smoothing_coefficient
+from datamodules.fxnorm.loudness import channel_loudness, integrated_loudness
 
 SR = 44100
 
@@ -75,12 +77,57 @@ def test_loudness_scales_down_instead_of_clipping():
     assert np.max(np.abs(out)) == pytest.approx(1.0)
 
 
+def test_integrated_loudness_equals_pyloudnorm():
+    rng = np.random.default_rng(0)
+    for sr, n in ((SR, int(0.41 * SR)), (SR, 3 * SR + 17), (48000, 2 * 48000), (22050, 17641)):
+        audio = rng.standard_normal((2, n)) * np.linspace(1e-4, 0.5, n) ** 2  # quiet start: both gates act
+        meter = pyloudnorm.Meter(sr)
+        assert integrated_loudness(audio, sr) == pytest.approx(meter.integrated_loudness(audio.T), abs=1e-9)
+        expected = [meter.integrated_loudness(channel) for channel in audio]
+        np.testing.assert_allclose(channel_loudness(audio, sr), expected, atol=1e-9)
+        assert integrated_loudness(audio.astype(np.float32), sr) == pytest.approx(meter.integrated_loudness(audio.T), abs=1e-6)
+    assert integrated_loudness(np.full((2, SR), 1e-6), SR) == -np.inf  # every block below -70 LUFS
+
+
 def test_zero_phase_fir_equals_filtfilt():
     taps = scipy.signal.firwin2(1001, [0, 0.2, 0.5, 1], [1, 3, 0.5, 0.1])
-    for n in (3100, 50000):
+    for n in (500, 1001, 3100, 50000):
         x = np.random.default_rng(n).standard_normal((2, n))
-        reference = scipy.signal.filtfilt(taps, [1.0], x, axis=-1)
-        assert np.max(np.abs(zero_phase_fir(x, taps) - reference)) < 1e-4 * np.max(np.abs(reference))
+        reference = scipy.signal.filtfilt(taps, [1.0], x, axis=-1, padlen=min(3 * len(taps), n - 1))
+        assert np.max(np.abs(zero_phase_fir(x, taps) - reference)) < 1e-12 * np.max(np.abs(reference))
+        single = zero_phase_fir(x.astype(np.float32), taps)
+        assert single.dtype == np.float32 and np.max(np.abs(single - reference)) < 1e-5 * np.max(np.abs(reference))
+    other = scipy.signal.firwin2(1001, [0, 0.5, 1], [0.2, 1, 2])
+    x = np.random.default_rng(0).standard_normal((2, 20000))
+    per_channel = zero_phase_fir(x, np.stack([taps, other]))
+    np.testing.assert_allclose(per_channel[1], scipy.signal.filtfilt(other, [1.0], x[1]), atol=1e-10)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_fft_filter_equals_direct_convolution(odd):
+    """Blocks of the overlap-save filter join seamlessly, with any delay and either extension."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 70000))
+    kernels = rng.standard_normal((2, 301))
+    for delay in (0, 150, 300):
+        padded = np.pad(x, ((0, 0), (300, 300)))
+        if odd:
+            padded = np.concatenate([2 * x[:, :1] - x[:, 300:0:-1], x, 2 * x[:, -1:] - x[:, -2:-302:-1]], axis=1)
+        expected = np.stack([np.convolve(p, k)[delay + 300 : delay + 300 + x.shape[1]] for p, k in zip(padded, kernels)])
+        np.testing.assert_allclose(fft_filter(x, kernels, delay, odd), expected, atol=1e-9)
+
+
+def test_mean_spectrum_equals_direct_computation():
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((2, 200000)) * np.array([[0.1], [0.02]])
+    audio[1] = scipy.signal.lfilter([1.0], [1.0, -0.9], audio[1])
+    window = np.sqrt(scipy.signal.get_window("hann", 4096))
+    expected = []
+    for channel in audio:
+        gain = 10 ** ((-30 - pyloudnorm.Meter(SR).integrated_loudness(channel)) / 20)
+        frames = np.lib.stride_tricks.sliding_window_view(gain * channel, 4096)[::1024]
+        expected.append(np.abs(np.fft.rfft(frames * window, axis=1)).mean(axis=0))
+    np.testing.assert_allclose(mean_spectrum(audio, SR, n_fft=4096, hop=1024), expected, rtol=1e-9)
 
 
 def _log_distance(spectrum: np.ndarray, reference: np.ndarray, sr: int) -> float:
@@ -103,8 +150,17 @@ def test_drc_brings_mean_onset_peak_inside_reference():
     ref_mean, ref_std = -14.24, 1.37
     assert onset_peak_stats(audio, SR)[0] > ref_mean + ref_std
     out = normalize_drc(audio, SR, ref_mean, ref_std, 4, 7.5, 400.0)
-    mean, _ = onset_peak_stats(out, SR, normalize=False)
+    measuring_gain = peak_normalize(audio).max() / audio.max()  # the output keeps the input's level
+    mean, _ = onset_peak_stats(out * measuring_gain, SR, normalize=False)
     assert ref_mean - ref_std < mean < ref_mean + ref_std
+    assert np.all(np.abs(out) <= np.abs(audio))  # gain reduction only, no make-up gain
+
+
+def test_drc_does_not_depend_on_input_level():
+    audio = hits(3.0, np.random.default_rng(1).uniform(0.85, 1.0, 12))
+    out = normalize_drc(audio, SR, -14.24, 1.37, 4, 7.5, 400.0)
+    assert not np.allclose(out, audio)
+    np.testing.assert_allclose(normalize_drc(0.1 * audio, SR, -14.24, 1.37, 4, 7.5, 400.0), 0.1 * out, rtol=1e-9, atol=1e-12)
 
 
 def test_drc_leaves_stem_below_target_unchanged():
@@ -150,6 +206,23 @@ def test_panning_moves_similarity_toward_reference_and_keeps_side():
     assert rms[0] > rms[1] > 0.2 * rms[0] * 1.5  # still on the left, but nearer the reference (wider psi)
 
 
+def test_panning_gives_every_active_bin_the_reference_similarity():
+    """The exact inverse of eq. 4 sets each re-panned bin to the reference similarity; what the
+    overlapping frames of the inverse STFT blur is the only thing a second pass changes (~1 %)."""
+    rng = np.random.default_rng(0)
+    source = harmonic_tone(3.0)
+    audio = np.stack([source, 0.3 * source]) + 0.01 * rng.standard_normal((2, source.size))
+    reference = np.linspace(0.9, 0.5, 1025)
+    once = normalize_panning(audio, SR, reference, cutoff_hz=SR / 2)
+    band = slice(10, 900)
+    before = np.mean(np.abs(mean_similarity(audio)[band] - reference[band]))
+    after = np.mean(np.abs(mean_similarity(once)[band] - reference[band]))
+    assert after < 0.4 * before and after < 0.04
+    twice = normalize_panning(once, SR, reference, cutoff_hz=SR / 2)
+    assert np.sqrt(np.mean((twice - once) ** 2) / np.mean(once**2)) < 0.02
+    assert np.all(np.abs(once.sum(axis=0)) > 0) and np.mean(once[0] ** 2) > np.mean(once[1] ** 2)  # still on the left
+
+
 def test_panning_leaves_bins_above_cutoff_untouched():
     """Re-centring a hard-left tone changes it a lot below the cutoff and barely above it
     (what remains is sqrt-Hann leakage into lower bins)."""
@@ -163,6 +236,20 @@ def test_panning_leaves_bins_above_cutoff_untouched():
 
     assert change(18000.0) < 0.05
     assert change(1000.0) > 0.3
+
+
+def test_reverb_augmentation_equals_direct_formula():
+    """x + reverb(EQ(x)), the EQ folded into the impulse response, equals filtering the stem itself."""
+    from datamodules.fxnorm.reverb import LOW_SHELF_HZ, HIGH_SHELF_HZ, room_impulse_response, shelf_filter
+
+    audio = np.stack([harmonic_tone(1.5), harmonic_tone(1.5, f0=330.0)])
+    out = augment_reverb(audio, SR, np.random.default_rng(3), rt60_range=(0.5, 0.8))
+    rng = np.random.default_rng(3)
+    low, high = rng.uniform(*LOW_SHELF_HZ), rng.uniform(*HIGH_SHELF_HZ)
+    response = room_impulse_response(SR, rng.uniform(0.5, 0.8), rng)
+    send = shelf_filter(shelf_filter(audio, SR, "low_shelf", low, -30.0), SR, "high_shelf", high, -30.0)
+    expected = audio + np.stack([np.convolve(s, r)[: audio.shape[1]] for s, r in zip(send, response)])
+    np.testing.assert_allclose(out, expected, atol=1e-9)
 
 
 def test_silent_stems_unchanged_by_every_effect():
@@ -259,8 +346,12 @@ def test_inference_reverb_runs(fitted):
 
 def test_normalising_twice_changes_little(fitted):
     """Without reverb, a second pass keeps loudness within 0.01 LU and changes each stem by less
-    than 25 % relative RMS. It is not a no-op: the 1001-tap EQ filter only approximates the
-    reference (so a second pass refines it) and the panning law's psi = 2 alpha is approximate."""
+    than 20 % relative RMS (at most 19 % here, vocals). It cannot be a no-op: DRC measures a stem
+    peak-normalised but compresses without make-up gain, so a stem it compressed is measured
+    louder on the next pass and compressed again (about 11 % for vocals and bass here); the
+    per-channel EQ sees the bins the panning moved between channels, and its 1001-tap filter
+    cannot follow the ripple a smoothed harmonic spectrum has (8-13 %); panning alone is
+    idempotent up to the STFT overlap, but re-pans what the EQ changed per channel (up to 5 %)."""
     normalizer, song = fitted
     once = normalizer.normalize_song(song, SR, reverb=False)
     twice = normalizer.normalize_song(once, SR, reverb=False)
@@ -269,4 +360,4 @@ def test_normalising_twice_changes_little(fitted):
         loudness_once = meter.integrated_loudness(once[kind].T.astype(np.float64))
         assert abs(meter.integrated_loudness(twice[kind].T.astype(np.float64)) - loudness_once) < 0.01
         relative = np.sqrt(np.mean((twice[kind] - once[kind]) ** 2) / np.mean(once[kind] ** 2))
-        assert relative < 0.25, kind
+        assert relative < 0.2, kind

@@ -45,7 +45,7 @@ class CompressorSetting:
 
 
 def peak_normalize(audio: np.ndarray, target_db: float = MEASURE_PEAK_DB) -> np.ndarray:
-    return audio * db_to_gain(target_db - peak_db(audio))
+    return audio * audio.dtype.type(db_to_gain(target_db - peak_db(audio)))
 
 
 def onset_samples(audio: np.ndarray, sr: int) -> np.ndarray:
@@ -71,17 +71,25 @@ def peak_statistics(peaks: np.ndarray) -> tuple[float, float]:
     return float(kept.mean()), float(kept.std())
 
 
+def channel_peak_level(audio: np.ndarray) -> np.ndarray:
+    """Per-sample level of a stereo-linked detector: max |x| over channels, shape (samples,)."""
+    level = np.abs(audio[0])
+    for channel in audio[1:]:
+        np.maximum(level, np.abs(channel), out=level)
+    return level
+
+
 def onset_peak_stats(audio: np.ndarray, sr: int, normalize: bool = True) -> tuple[float, float]:
     """The DRC feature: onset-peak [mean, std] in dB, after peak normalisation to -10 dBFS.
 
     Per onset, the peak is the largest absolute sample (over channels) until the next onset.
     ``normalize=False`` measures the audio at its own level (used to score compressed output).
+    Onset detection is scale-invariant, so the stem is only rescaled in the dB domain.
     """
     audio = as_audio(audio)
-    if normalize:
-        audio = peak_normalize(audio)
-    peaks = np.maximum.reduceat(np.abs(audio).max(axis=0), onset_samples(audio, sr))
-    return peak_statistics(peaks)
+    offset_db = MEASURE_PEAK_DB - peak_db(audio) if normalize else 0.0
+    mean, std = peak_statistics(np.maximum.reduceat(channel_peak_level(audio), onset_samples(audio, sr)))
+    return mean + offset_db, std
 
 
 def smoothing_coefficient(sr: int, time_ms: float) -> float:
@@ -89,25 +97,26 @@ def smoothing_coefficient(sr: int, time_ms: float) -> float:
 
 
 @numba.njit(cache=True)
-def _gain_db(level: np.ndarray, threshold_db: float, ratio: float, attack: float, release: float) -> np.ndarray:
-    """Smoothed gain (dB) of a feed-forward hard-knee compressor for a linear level envelope."""
-    gain = np.empty(level.size)
+def _gain(level: np.ndarray, scale: float, threshold_db: float, ratio: float, attack: float, release: float) -> np.ndarray:
+    """Linear gain of a feed-forward hard-knee compressor fed ``scale * level``, in level's dtype."""
+    gain = np.empty_like(level)
     threshold = 10.0 ** (threshold_db / 20.0)
     slope = 1.0 / ratio - 1.0
     state = 0.0
     for i in range(level.size):
-        target = slope * (20.0 * math.log10(level[i]) - threshold_db) if level[i] > threshold else 0.0
+        value = scale * level[i]
+        target = slope * (20.0 * math.log10(value) - threshold_db) if value > threshold else 0.0
         coefficient = attack if target < state else release
         state = coefficient * state + (1.0 - coefficient) * target
-        gain[i] = state
+        gain[i] = 10.0 ** (state / 20.0)
     return gain
 
 
 @numba.njit(cache=True)
 def _compressed_segment_peaks(
-    level: np.ndarray, starts: np.ndarray, threshold_db: float, ratio: float, attack: float, release: float
+    level: np.ndarray, scale: float, starts: np.ndarray, threshold_db: float, ratio: float, attack: float, release: float
 ) -> np.ndarray:
-    """Per-segment peak of ``level`` after compression, without materialising the output."""
+    """Per-segment peak of ``scale * level`` after compression, without materialising the output."""
     peaks = np.zeros(starts.size)
     threshold = 10.0 ** (threshold_db / 20.0)
     slope = 1.0 / ratio - 1.0
@@ -116,13 +125,14 @@ def _compressed_segment_peaks(
     for i in range(level.size):
         if segment + 1 < starts.size and i == starts[segment + 1]:
             segment += 1
-        target = slope * (20.0 * math.log10(level[i]) - threshold_db) if level[i] > threshold else 0.0
+        value = scale * level[i]
+        target = slope * (20.0 * math.log10(value) - threshold_db) if value > threshold else 0.0
         coefficient = attack if target < state else release
         state = coefficient * state + (1.0 - coefficient) * target
-        if segment >= 0 and level[i] > peaks[segment]:  # the gain is <= 1, so quieter samples cannot raise the peak
-            value = level[i] * 10.0 ** (state / 20.0)
-            if value > peaks[segment]:
-                peaks[segment] = value
+        if segment >= 0 and value > peaks[segment]:  # the gain is <= 1, so quieter samples cannot raise the peak
+            compressed = value * 10.0 ** (state / 20.0)
+            if compressed > peaks[segment]:
+                peaks[segment] = compressed
     return peaks
 
 
@@ -134,24 +144,32 @@ def compress(audio: np.ndarray, sr: int, threshold_db: float, ratio: float, atta
     grows and release while it shrinks.
     """
     audio = as_audio(audio)
-    level = np.abs(audio).max(axis=0)
-    gain = _gain_db(level, float(threshold_db), float(ratio), smoothing_coefficient(sr, attack_ms), smoothing_coefficient(sr, release_ms))
-    return audio * db_to_gain(gain)[None, :]
+    return _compressed(audio, channel_peak_level(audio), 1.0, sr, CompressorSetting(ratio, threshold_db), attack_ms, release_ms)
+
+
+def _compressed(
+    audio: np.ndarray, level: np.ndarray, scale: float, sr: int, setting: CompressorSetting, attack_ms: float, release_ms: float
+) -> np.ndarray:
+    """``audio`` times the gain of the compressor fed ``scale * level`` (the audio keeps its own level)."""
+    attack, release = smoothing_coefficient(sr, attack_ms), smoothing_coefficient(sr, release_ms)
+    return audio * _gain(level, float(scale), float(setting.threshold_db), float(setting.ratio), attack, release)
 
 
 class _CompressedPeakMean:
     """Mean onset-peak level (dB) of a stem compressed with a given setting, onsets fixed."""
 
-    def __init__(self, audio: np.ndarray, sr: int, attack_ms: float, release_ms: float):
-        self.level = np.abs(audio).max(axis=0)
-        self.starts = onset_samples(audio, sr).astype(np.int64)
+    def __init__(self, level: np.ndarray, scale: float, starts: np.ndarray, sr: int, attack_ms: float, release_ms: float):
+        self.level, self.scale = level, float(scale)
+        self.starts = starts.astype(np.int64)
         self.attack = smoothing_coefficient(sr, attack_ms)
         self.release = smoothing_coefficient(sr, release_ms)
         self.evaluations = 0
 
     def __call__(self, ratio: float, threshold_db: float) -> float:
         self.evaluations += 1
-        peaks = _compressed_segment_peaks(self.level, self.starts, float(threshold_db), float(ratio), self.attack, self.release)
+        peaks = _compressed_segment_peaks(
+            self.level, self.scale, self.starts, float(threshold_db), float(ratio), self.attack, self.release
+        )
         return peak_statistics(peaks)[0]
 
 
@@ -181,14 +199,19 @@ def search_compressor(
     target the strongest one (20:1 at -40 dB) is returned. ``audio`` is at its measuring level.
     Returns the setting and the number of compressor runs.
     """
-    mean_peak = _CompressedPeakMean(audio, sr, attack_ms, release_ms)
+    audio = as_audio(audio)
+    mean_peak = _CompressedPeakMean(channel_peak_level(audio), 1.0, onset_samples(audio, sr), sr, attack_ms, release_ms)
+    return _search(mean_peak, target_db, ratio_start), mean_peak.evaluations
+
+
+def _search(mean_peak: _CompressedPeakMean, target_db: float, ratio_start: int) -> CompressorSetting:
     ratios = np.arange(ratio_start, MAX_RATIO + 1)
     strongest = len(THRESHOLDS_DB) - 1
     r = _first_true(lambda i: mean_peak(ratios[i], THRESHOLDS_DB[strongest]) < target_db, len(ratios))
     if r == len(ratios):
-        return CompressorSetting(float(ratios[-1]), float(THRESHOLDS_DB[-1])), mean_peak.evaluations
+        return CompressorSetting(float(ratios[-1]), float(THRESHOLDS_DB[-1]))
     t = _first_true(lambda j: mean_peak(ratios[r], THRESHOLDS_DB[j]) < target_db, len(THRESHOLDS_DB))
-    return CompressorSetting(float(ratios[r]), float(THRESHOLDS_DB[t])), mean_peak.evaluations
+    return CompressorSetting(float(ratios[r]), float(THRESHOLDS_DB[t]))
 
 
 def exhaustive_compressor_search(
@@ -218,17 +241,22 @@ def normalize_drc(
 ) -> np.ndarray:
     """Compress a stem whose onset peaks are higher than the reference allows.
 
-    If the stem's mean onset peak (measured at -10 dBFS peak) lies above ``ref_mean_db +
-    ref_std_db``, the stem at that level is compressed with the setting of
-    :func:`search_compressor` (no make-up gain); otherwise, and for silent stems, it is returned
-    unchanged.
+    The stem is measured as if peak-normalised to -10 dBFS: if its mean onset peak lies above
+    ``ref_mean_db + ref_std_db``, the compressor of :func:`search_compressor` is run at that
+    measuring level (its thresholds are relative to it) and its gain applied to the stem at the
+    stem's own level, with no make-up gain; otherwise, and for silent stems, the stem is
+    returned unchanged. Either way the output level is the input's less the gain reduction, so
+    the stage does not depend on the level the stem arrives at.
     """
     audio = as_audio(audio)
     if is_silent(audio):
         return audio.copy()
-    measured = peak_normalize(audio)
+    level = channel_peak_level(audio)
+    onsets = onset_samples(audio, sr)
+    scale = db_to_gain(MEASURE_PEAK_DB - peak_db(audio))
     target = ref_mean_db + ref_std_db
-    if onset_peak_stats(measured, sr, normalize=False)[0] <= target:
+    mean_db, _ = peak_statistics(scale * np.maximum.reduceat(level, onsets))
+    if mean_db <= target:
         return audio.copy()
-    setting, _ = search_compressor(measured, sr, target, ratio_start, attack_ms, release_ms)
-    return compress(measured, sr, setting.threshold_db, setting.ratio, attack_ms, release_ms)
+    setting = _search(_CompressedPeakMean(level, scale, onsets, sr, attack_ms, release_ms), target, ratio_start)
+    return _compressed(audio, level, scale, sr, setting, attack_ms, release_ms)

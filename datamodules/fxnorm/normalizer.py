@@ -155,7 +155,7 @@ class FxNormalizer:
         inference: bool = False,
         reverb: bool = True,
     ) -> dict[str, np.ndarray]:
-        """Normalise every stem of a song: {type: (2, n) float32}.
+        """Normalise every stem of a song: {type: (2, n) float32}, computed in float32 throughout.
 
         Training (``inference=False``): vocals and other get a random reverb augmentation (from
         ``rng``, fresh entropy if None). Inference: they get the short 50/50 reverb for dry stems
@@ -163,7 +163,10 @@ class FxNormalizer:
         """
         stages = STAGES if reverb else STAGES[1:]
         rng = rng if rng is not None else np.random.default_rng(0 if inference else None)
-        return {kind: self.normalize_stem(kind, audio, sr, rng, inference, stages).astype(np.float32) for kind, audio in stems.items()}
+        return {
+            kind: self.normalize_stem(kind, np.asarray(audio, dtype=np.float32), sr, rng, inference, stages)
+            for kind, audio in stems.items()
+        }
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -1,21 +1,33 @@
 """Panning normalisation with the Stereo Panning Spectrum (amplitude panning, linear law).
 
-Per STFT bin, the channel similarity psi = 2|L||R| / (|L|^2 + |R|^2) is 1 for a centred source
-and falls towards 0 as it moves to one side. The side comes from the partial similarities
-psi_L = |R|/|L| and psi_R = |L|/|R| (paper eq. 5): their difference is negative exactly when the
-left channel is louder, so a bin is "left" when |L| > |R|. With the linear law the panning gains
-are Phi_L = 1 - p, Phi_R = p for a position p in [0, 1] (0 = hard left), estimated as p = psi / 2
-on the left and 1 - psi / 2 on the right (the paper's psi = 2 alpha). Re-panning scales each
-channel's magnitude by the ratio of the reference gains (same side, reference similarity) to
-the estimated ones and keeps the phase (paper eq. 6).
+Per STFT bin, the channel similarity psi = 2|L||R| / (|L|^2 + |R|^2) (paper eq. 4) is 1 for a
+centred source and falls towards 0 as it moves to one side. The partial similarities
+psi_L = |R|/|L| and psi_R = |L|/|R| (eq. 5) differ in sign exactly as the channels differ in
+level, so a bin lies on the side of its louder channel. With the linear law the channel gains
+are 1 - alpha and alpha for a position alpha in [0, 1/2] on the quieter side, and the level
+ratio is r = quiet / loud = alpha / (1 - alpha).
+
+Re-panning scales each channel's magnitude by the ratio of the reference gains (same side,
+reference similarity) to the estimated ones and keeps the phase (eq. 6). The paper estimates
+alpha from psi = 2 alpha; this module inverts eq. 4 exactly instead, r = psi / (1 + sqrt(1 -
+psi^2)), because the shortcut is off by up to 0.1 in psi: a re-panned bin would then measure a
+different similarity than the reference, and a second normalisation would re-pan it again.
+With the exact inverse the gains are (loud + quiet) / ((1 + r_ref) |X|) times 1 for the louder
+and r_ref for the quieter channel: the bin keeps |L| + |R| (the linear law's invariant) and its
+similarity becomes the reference exactly.
+
+The STFT (2048 samples, hop 1024, sqrt-Hann, one frame of zero padding at each end) runs over
+blocks of frames, so memory stays bounded for any song length.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import scipy.fft
 import scipy.signal
 
-from datamodules.fxnorm.audio import as_audio, is_silent
+from datamodules.fxnorm.audio import as_audio, extended_block, is_silent
 
 N_FFT = 2048
 HOP = 1024
@@ -24,30 +36,63 @@ FRAME_THRESHOLD_DB = -10.0
 CUTOFF_HZ = {"vocals": 16000.0, "bass": 16000.0, "other": 16000.0, "drums": 6000.0}
 #: Savitzky-Golay window (bins, order 1) for the reference similarity.
 SMOOTHING_WINDOW = 101
+_FRAMES_PER_BLOCK = 64
 _EPS = 1e-12
 
 
-def _window() -> np.ndarray:
-    return np.sqrt(scipy.signal.get_window("hann", N_FFT)).astype(np.float32)
+def _window(dtype: np.dtype) -> np.ndarray:
+    return np.sqrt(scipy.signal.get_window("hann", N_FFT)).astype(dtype)
 
 
-def stft(audio: np.ndarray) -> np.ndarray:
-    """(channels, frames, bins) sqrt-Hann STFT, hop N_FFT/2; every sample lies in two frames."""
+def frame_count(samples: int) -> int:
+    """Frames of the STFT: frame f covers samples [(f - 1) HOP, (f + 1) HOP), so every sample lies in two."""
+    return -(-samples // HOP) + 1
+
+
+def _frame_blocks(samples: int) -> Iterator[tuple[int, int]]:
+    count = frame_count(samples)
+    for first in range(0, count, _FRAMES_PER_BLOCK):
+        yield first, min(first + _FRAMES_PER_BLOCK, count)
+
+
+def _stft(audio: np.ndarray, first: int, last: int) -> np.ndarray:
+    """(channels, frames, bins) spectra of frames ``first`` .. ``last - 1``."""
+    block = extended_block(audio, (first - 1) * HOP, last * HOP)
+    frames = np.lib.stride_tricks.sliding_window_view(block, N_FFT, axis=1)[:, ::HOP] * _window(audio.dtype)
+    return scipy.fft.rfft(frames, axis=2, workers=1)
+
+
+def _overlap_add(out: np.ndarray, spectrum: np.ndarray, first: int) -> None:
+    """Add the windowed inverse of frames ``first``.. into ``out``; sqrt-Hann squared sums to one at 50 %."""
+    frames = scipy.fft.irfft(spectrum, N_FFT, axis=2, workers=1) * _window(out.dtype)
+    channels, count, _ = frames.shape
+    hops = np.zeros((channels, count + 1, HOP), dtype=out.dtype)
+    hops[:, :-1] += frames[:, :, :HOP]
+    hops[:, 1:] += frames[:, :, HOP:]
+    start = (first - 1) * HOP
+    lo, hi = max(start, 0), min(start + hops.shape[1] * HOP, out.shape[1])
+    out[:, lo:hi] += hops.reshape(channels, -1)[:, lo - start : hi - start]
+
+
+def active_frames(audio: np.ndarray, threshold_db: float = FRAME_THRESHOLD_DB) -> np.ndarray:
+    """Frames whose mono-mix energy lies within ``threshold_db`` of the loudest frame (bool per frame).
+
+    A frame's energy is sum((window * (L + R) / 2)^2), computed in the time domain hop by hop:
+    the squared sqrt-Hann is the Hann window, whose two halves weight the frame's two hops.
+    """
     n = audio.shape[1]
-    n_frames = -(-n // HOP) + 1
-    padded = np.pad(audio.astype(np.float32), ((0, 0), (HOP, HOP * (n_frames + 1) - n - HOP)))
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP]
-    return scipy.fft.rfft(frames * _window(), axis=2)
-
-
-def istft(spectrum: np.ndarray, length: int) -> np.ndarray:
-    """Inverse of :func:`stft` by weighted overlap-add (sqrt-Hann squared sums to one at 50 %)."""
-    frames = scipy.fft.irfft(spectrum, n=N_FFT, axis=2) * _window()
-    channels, n_frames, _ = frames.shape
-    out = np.zeros((channels, n_frames + 1, HOP), dtype=np.float64)
-    out[:, :-1] += frames[:, :, :HOP]
-    out[:, 1:] += frames[:, :, HOP:]
-    return out.reshape(channels, -1)[:, HOP : HOP + length]
+    hann = _window(np.float64) ** 2
+    halves = np.stack([hann[:HOP], hann[HOP:]], axis=1)
+    hop_count = frame_count(n) - 1
+    weighted = np.empty((hop_count, 2))
+    for first in range(0, hop_count, 4 * _FRAMES_PER_BLOCK):
+        last = min(first + 4 * _FRAMES_PER_BLOCK, hop_count)
+        mono = extended_block(audio, first * HOP, last * HOP).mean(axis=0)
+        weighted[first:last] = (mono * mono).reshape(-1, HOP) @ halves.astype(mono.dtype)
+    energy = np.zeros(frame_count(n))
+    energy[1:] += weighted[:, 0]  # frame f starts with hop f - 1
+    energy[:-1] += weighted[:, 1]  # and ends with hop f
+    return energy >= energy.max() * 10.0 ** (threshold_db / 10.0)
 
 
 def similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -55,31 +100,42 @@ def similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return 2.0 * left * right / (left**2 + right**2 + _EPS)
 
 
-def _active_frames(left: np.ndarray, right: np.ndarray, threshold_db: float) -> np.ndarray:
-    """Frames whose mono (mid) energy is within ``threshold_db`` of the loudest frame."""
-    energy = np.sum(((left + right) / 2) ** 2, axis=1)
-    with np.errstate(divide="ignore"):
-        level = 10.0 * np.log10(energy / max(energy.max(), _EPS))
-    return level >= threshold_db
-
-
 def mean_similarity(audio: np.ndarray, threshold_db: float = FRAME_THRESHOLD_DB) -> np.ndarray:
     """Mean psi per bin over the active frames: the stem's Stereo Panning Spectrum feature.
 
     Mono input is duplicated to stereo (psi = 1 everywhere).
     """
-    magnitude = np.abs(stft(as_audio(audio, stereo=True)))
-    active = _active_frames(magnitude[0], magnitude[1], threshold_db)
-    return similarity(magnitude[0][active], magnitude[1][active]).mean(axis=0)
+    audio = as_audio(audio, stereo=True)
+    active = active_frames(audio, threshold_db)
+    total = np.zeros(N_FFT // 2 + 1)
+    for first, last in _frame_blocks(audio.shape[1]):
+        selected = active[first:last]
+        if selected.any():
+            magnitude = np.abs(_stft(audio, first, last)[:, selected])
+            total += similarity(magnitude[0], magnitude[1]).sum(axis=0)
+    return total / active.sum()
 
 
 def smooth_similarity(psi: np.ndarray, window: int = SMOOTHING_WINDOW) -> np.ndarray:
     return np.clip(scipy.signal.savgol_filter(psi, window, 1), 0.0, 1.0)
 
 
-def _panning_position(psi: np.ndarray, left_side: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    position = np.where(left_side, psi / 2, 1.0 - psi / 2)
-    return np.where(centre, 0.5, position)
+def level_ratio(psi: np.ndarray) -> np.ndarray:
+    """Quiet/loud magnitude ratio r in [0, 1] of a bin with similarity psi (inverse of eq. 4)."""
+    psi = np.clip(psi, 0.0, 1.0)
+    return psi / (1.0 + np.sqrt(1.0 - psi**2))
+
+
+def _repan(spectrum: np.ndarray, reference_ratio: np.ndarray) -> None:
+    """Give every bin of ``spectrum`` (2, frames, bins) the level ratio ``reference_ratio``, in place."""
+    left, right = np.abs(spectrum)
+    loud = (left + right) / (1.0 + reference_ratio)  # |L| + |R| is kept
+    quiet = loud * reference_ratio
+    centred = left == right  # no side to pan to: unity gain
+    for channel, (this, other) in enumerate(((left, right), (right, left))):
+        gain = np.where(this > other, loud, quiet) / np.maximum(this, _EPS)
+        gain[centred] = 1.0
+        spectrum[channel] *= gain
 
 
 def normalize_panning(
@@ -100,15 +156,16 @@ def normalize_panning(
     audio = as_audio(audio, stereo=True)
     if is_silent(audio):
         return audio.copy()
-    spectrum = stft(audio)
-    left, right = np.abs(spectrum[0]), np.abs(spectrum[1])
-    left_side = left > right
-    centre = left == right
-    position = _panning_position(similarity(left, right), left_side, centre)
-    target = _panning_position(np.clip(reference_scale * reference_psi, 0.0, 1.0)[None, :], left_side, centre)
-    gain_left = (1.0 - target) / np.maximum(1.0 - position, _EPS)
-    gain_right = target / np.maximum(position, _EPS)
-    untouched = ~_active_frames(left, right, threshold_db)[:, None] | (scipy.fft.rfftfreq(N_FFT, 1.0 / sr) > cutoff_hz)[None, :]
-    spectrum[0] *= np.where(untouched, 1.0, gain_left).astype(np.float32)
-    spectrum[1] *= np.where(untouched, 1.0, gain_right).astype(np.float32)
-    return istft(spectrum, audio.shape[1])
+    bins = int(np.count_nonzero(scipy.fft.rfftfreq(N_FFT, 1.0 / sr) <= cutoff_hz))
+    reference_ratio = level_ratio(reference_scale * np.asarray(reference_psi)[:bins]).astype(audio.dtype)
+    active = active_frames(audio, threshold_db)
+    out = np.zeros_like(audio)
+    for first, last in _frame_blocks(audio.shape[1]):
+        spectrum = _stft(audio, first, last)
+        selected = np.flatnonzero(active[first:last])
+        if selected.size:
+            touched = spectrum[:, selected, :bins]
+            _repan(touched, reference_ratio)
+            spectrum[:, selected, :bins] = touched
+        _overlap_add(out, spectrum, first)
+    return out

@@ -11,7 +11,7 @@ import numpy as np
 import pyloudnorm
 import scipy.signal
 
-from datamodules.fxnorm.audio import as_audio, is_silent
+from datamodules.fxnorm.audio import as_audio, fft_filter, is_silent
 
 #: Stem types that receive reverberation.
 REVERB_STEMS = ("vocals", "other")
@@ -20,6 +20,8 @@ INFERENCE_RT60_S = (0.6, 1.2)
 SHELF_GAIN_DB = -30.0
 LOW_SHELF_HZ = (500.0, 700.0)
 HIGH_SHELF_HZ = (7000.0, 10000.0)
+#: Padding (s) after the impulse response for the shelving filters' own decay.
+_SHELF_DECAY_S = 0.05
 
 
 def room_impulse_response(sr: int, rt60: float, rng: np.random.Generator, channels: int = 2) -> np.ndarray:
@@ -36,9 +38,9 @@ def shelf_filter(audio: np.ndarray, sr: int, kind: str, cutoff_hz: float, gain_d
     return scipy.signal.lfilter(biquad.b, biquad.a, audio, axis=-1)
 
 
-def _convolve(audio: np.ndarray, response: np.ndarray) -> np.ndarray:
-    wet = scipy.signal.oaconvolve(audio.astype(np.float32), response.astype(np.float32), axes=1)
-    return wet[:, : audio.shape[1]].astype(np.float64)
+def _convolve(audio: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Causal convolution of each channel with its kernel row, cut to the input length (later taps cannot reach it)."""
+    return fft_filter(audio, kernel[:, : audio.shape[1]])
 
 
 def augment_reverb(
@@ -52,14 +54,20 @@ def augment_reverb(
 
     EQ: a ``shelf_gain_db`` low shelf at U(500, 700) Hz and high shelf at U(7, 10) kHz, so mainly
     the mid band excites the room; RT60 ~ U(``rt60_range``). The tail is cut at the stem's end so
-    the length is kept. Mono input is duplicated to stereo; silent stems are returned unchanged.
+    the length is kept. Both are linear and time-invariant, so the shelves filter the impulse
+    response (plus 50 ms for their own decay) instead of the stem, and the dry path is a unit
+    impulse in the same kernel: one convolution. Mono input is duplicated to stereo; silent
+    stems are returned unchanged.
     """
     audio = as_audio(audio, stereo=True)
     if is_silent(audio):
         return audio.copy()
-    send = shelf_filter(audio, sr, "low_shelf", rng.uniform(*LOW_SHELF_HZ), shelf_gain_db)
-    send = shelf_filter(send, sr, "high_shelf", rng.uniform(*HIGH_SHELF_HZ), shelf_gain_db)
-    return audio + _convolve(send, room_impulse_response(sr, rng.uniform(*rt60_range), rng))
+    low, high = rng.uniform(*LOW_SHELF_HZ), rng.uniform(*HIGH_SHELF_HZ)
+    response = room_impulse_response(sr, rng.uniform(*rt60_range), rng)
+    kernel = np.pad(response, ((0, 0), (0, int(_SHELF_DECAY_S * sr))))
+    kernel = shelf_filter(shelf_filter(kernel, sr, "low_shelf", low, shelf_gain_db), sr, "high_shelf", high, shelf_gain_db)
+    kernel[:, 0] += 1.0
+    return _convolve(audio, kernel)
 
 
 def inference_reverb(
@@ -69,5 +77,6 @@ def inference_reverb(
     audio = as_audio(audio, stereo=True)
     if is_silent(audio):
         return audio.copy()
-    response = room_impulse_response(sr, rng.uniform(*rt60_range), rng)
-    return (1.0 - wet) * audio + wet * _convolve(audio, response)
+    kernel = wet * room_impulse_response(sr, rng.uniform(*rt60_range), rng)
+    kernel[:, 0] += 1.0 - wet
+    return _convolve(audio, kernel)
