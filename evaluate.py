@@ -26,6 +26,7 @@ from callbacks.evaluation import (
     table2_markdown, table3_markdown, threshold_label, write_csv,
 )
 from datamodules.pianoroll import load_phrase_cache
+from framework.cli import check_checkpoints, check_output_folder, script_main
 from framework.config import ConfigError, load_config as load_yaml_config
 from framework.io import atomic_path
 from lightning_modules.cnn_vae import CNNVAE
@@ -120,17 +121,6 @@ def load_config(argv: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _check_paths(cfg: DictConfig) -> None:
-    for key in CHECKPOINT_KEYS:
-        if cfg[key] is not None and not Path(cfg[key]).is_file():
-            raise ConfigError(f"{key}={cfg[key]}: no such checkpoint file")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"out={out} exists and is not empty; choose another folder or pass overwrite=true")
-
-
 def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
     """The generators whose checkpoints are given, in Table 2 order; a note for each one skipped."""
     sources = []
@@ -166,7 +156,8 @@ def resolve_n(cfg: DictConfig, training_size: int) -> int:
 def run(argv: Sequence[str]) -> dict:
     """Evaluate the configured generators, write the tables and figure; return their rows."""
     cfg = load_config(argv)
-    _check_paths(cfg)
+    check_checkpoints(cfg, CHECKPOINT_KEYS)
+    check_output_folder(cfg.out, cfg.overwrite)
     device = torch.device(cfg.device)
     training = load_training(cfg)
     n = resolve_n(cfg, len(training))
@@ -224,12 +215,7 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(run, argv)
 
 
 if __name__ == "__main__":

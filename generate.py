@@ -29,6 +29,7 @@ from tqdm import tqdm
 from callbacks.media import pianoroll_grid, write_previews
 from callbacks.metrics import note_density, unique_pitch
 from datamodules.pianoroll import PACKED_BYTES, pack_phrases, phrases_to_midi
+from framework.cli import check_checkpoints, check_output_folder, script_main
 from framework.config import ConfigError, load_config as load_yaml_config
 from framework.io import atomic_path
 from framework.seeding import sampling_generator
@@ -54,17 +55,6 @@ def load_config(argv: Sequence[str]) -> DictConfig:
     if cfg.reject.threshold is not None and cfg.detector is None:
         raise ConfigError("reject.threshold needs detector=CKPT (a LoopDetector checkpoint) to score the loops")
     return cfg
-
-
-def _check_paths(cfg: DictConfig) -> None:
-    for key in ("prior", "vqvae", "detector"):
-        if cfg[key] is not None and not Path(cfg[key]).is_file():
-            raise ConfigError(f"{key}={cfg[key]}: no such checkpoint file")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"out={out} exists and is not empty; choose another folder or pass overwrite=true")
 
 
 def summarise(cfg: DictConfig, prior: LSTMPrior, loops: GeneratedLoops) -> dict:
@@ -126,7 +116,8 @@ def write_outputs(cfg: DictConfig, loops: GeneratedLoops, summary: dict, folder:
 def run(argv: Sequence[str]) -> dict:
     """Generate and write the loops described by ``argv``; return the summary."""
     cfg = load_config(argv)
-    _check_paths(cfg)
+    check_checkpoints(cfg, ("prior", "vqvae", "detector"))
+    check_output_folder(cfg.out, cfg.overwrite)
     device = torch.device(cfg.device)
     prior = LSTMPrior.load_from_checkpoint(cfg.prior, map_location=device).eval()
     if cfg.vqvae is not None:
@@ -142,12 +133,7 @@ def run(argv: Sequence[str]) -> dict:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        summary = run(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def report(summary: dict) -> None:
     print(json.dumps(summary, indent=2))
     if summary["shortfall"] > 0:
         print(
@@ -156,7 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(acceptance {summary['acceptance_rate']:.2%}); raise reject.max_rounds or reject.threshold",
             file=sys.stderr,
         )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return script_main(run, argv, report)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from framework.build import build_trainer, instantiate
+from framework.cli import script_main
 from framework.config import ConfigError, compose
 
 # Lightning's ddp strategy relaunches this script once per extra rank. The children inherit the
@@ -86,12 +87,7 @@ def _evaluation_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return script_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""What the thin top-level scripts share: exit codes for bad configs and output-folder checks."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig
+
+from framework.config import ConfigError
+
+
+def script_main(run: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
+                report: Callable[[Any], int | None] | None = None) -> int:
+    """Call ``run(argv)`` (default: the command line); a ConfigError prints one line and gives exit
+    code 2 instead of a traceback. ``report`` receives the result and may return an exit code."""
+    try:
+        result = run(sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return (report(result) or 0) if report else 0
+
+
+def check_checkpoints(cfg: DictConfig, keys: Sequence[str]) -> None:
+    """Every key of ``keys`` that is set must name an existing checkpoint file."""
+    for key in keys:
+        if cfg[key] is not None and not Path(cfg[key]).is_file():
+            raise ConfigError(f"{key}={cfg[key]}: no such checkpoint file")
+
+
+def check_output_folder(out: str | Path, overwrite: bool) -> None:
+    """``out`` must be absent or an empty folder, unless ``overwrite`` (then it is replaced)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"out={out} exists and is not empty; choose another folder or pass overwrite=true")
