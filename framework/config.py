@@ -26,6 +26,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 if not OmegaConf.has_resolver("now"):
     OmegaConf.register_resolver("now", lambda fmt: _dt.datetime.now().strftime(fmt), use_cache=True)
+if not OmegaConf.has_resolver("add"):
+    OmegaConf.register_resolver("add", lambda *terms: sum(terms))  # e.g. max_epochs = phase 1 + phase 2
 
 
 class ConfigError(ValueError):
