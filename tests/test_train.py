@@ -1,0 +1,88 @@
+"""train.py end to end: every experiment runs, checkpoints resume, loggers record, DDP works."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from framework.config import CONFIG_DIR, ConfigError
+from tests.helpers import run_train, run_train_subprocess
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
+
+# A small, fast experiment that exercises the whole runner.
+SMALL = ["experiment=loop_detector", "model.pretrain_epochs=1", "model.svdd_epochs=1", "trainer.accelerator=cpu"]
+
+
+def experiment_args(name: str, demo_root, tmp_path, request) -> list[str]:
+    """Arguments that let ``name`` run on the session's demo data; stages that consume another
+    stage's output get it from a fixture."""
+    args = [f"experiment={name}", f"paths.demo={demo_root}", f"run_dir={tmp_path / name}",
+            "trainer.accelerator=cpu", "trainer.fast_dev_run=true"]
+    if name == "extract_loops":
+        args += [f"detector={request.getfixturevalue('detector_ckpt')}", f"out={tmp_path / 'loops'}"]
+    if name == "prior":
+        args += [f"datamodule.codes={request.getfixturevalue('code_cache')}"]
+    if name.startswith("mixer"):
+        songs = request.getfixturevalue("multitrack_root")
+        args += [f"datamodule.root={songs}/multitrack", f"datamodule.cache={songs}/normalised",
+                 "datamodule.demo_root=null", "datamodule.segment_seconds=1.5", "datamodule.val_songs=1"]
+    return args
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_passes_fast_dev_run(name, demo_root, tmp_path, request):
+    trainer, *_ = run_train(experiment_args(name, demo_root, tmp_path, request))
+    assert trainer.state.finished
+
+
+def test_misspelt_key_fails_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="max_epochs"):
+        run_train([*SMALL, "trainer.max_epoch=1", f"run_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_wandb_offline_run_records_metrics_and_checkpoint_carries_config(demo_root, tmp_path):
+    trainer, module, _, cfg = run_train([*SMALL, f"paths.demo={demo_root}", f"run_dir={tmp_path}"])
+    run = trainer.logger.experiment
+    summary = dict(run.summary)
+    assert any(key.startswith("train/") for key in summary), summary.keys()
+    assert (tmp_path / "wandb").is_dir() and list((tmp_path / "wandb").glob("offline-run-*"))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["config"]["experiment"] == "loop_detector"
+    assert checkpoint["config"]["run_dir"] == str(tmp_path)
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_csv_logger_writes_slash_namespaced_metrics(demo_root, tmp_path):
+    run_train([*SMALL, "logger=csv", f"paths.demo={demo_root}", f"run_dir={tmp_path}"])
+    with open(tmp_path / "csv" / "metrics.csv") as handle:
+        columns = next(csv.reader(handle))
+    namespaced = [c for c in columns if "/" in c]
+    assert namespaced and all(c.split("/")[0] in ("train", "val", "test", "lr-AdamW") for c in namespaced), columns
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint_continues_at_saved_step(demo_root, tmp_path):
+    first, *_ = run_train([*SMALL, "logger=none", f"paths.demo={demo_root}", f"run_dir={tmp_path / 'a'}"])
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == first.global_step > 0
+    resumed, *_ = run_train([
+        "experiment=loop_detector", "model.pretrain_epochs=1", "model.svdd_epochs=2", "trainer.accelerator=cpu",
+        "logger=none", f"paths.demo={demo_root}", f"run_dir={tmp_path / 'b'}",
+        f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+    ])
+    per_epoch = first.global_step // 2
+    assert resumed.current_epoch == 3
+    assert resumed.global_step == saved["global_step"] + per_epoch
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_shares_rank_zeros_run_dir(demo_root, tmp_path):
+    # A microsecond timestamp would differ between the ranks if each stamped its own run directory.
+    run_train_subprocess([*SMALL[:-1], "logger=csv", f"paths.demo={demo_root}", f"run_dir={tmp_path}/stamp-${{now:%f}}"])
+    (run_dir,) = tmp_path.glob("stamp-*")
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["config"]["trainer"]["devices"] == 2
+    assert checkpoint["global_step"] > 0
