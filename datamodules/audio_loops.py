@@ -211,6 +211,10 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 class AudioLoopDataModule(pl.LightningDataModule):
     """C_WAV vectors (float tensors of shape (batch, 28)) of a folder of audio loops.
 
+    ``fit`` trains on one part and validates on the held-out part; ``test`` serves the held-out
+    part again (the labelled MIDI phrases of the Fig. 3 check are read by
+    :class:`callbacks.loop_analysis.LoopAnalysis`, not served here).
+
     Args:
         loops: the loop folder (see the module docstring for metadata and bar counts).
         cache: the ``.npz`` cache file; default ``<loops>.c_wav.npz``.
@@ -271,3 +275,7 @@ class AudioLoopDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_vectors(), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out loops again: a loop library is too small to spare a third split."""
+        return self.val_dataloader()

@@ -1,9 +1,8 @@
-"""Data for the loop detector: phrase caches to score (whole batches, labels) and its own fit/test data.
+"""Phrase caches for the loop detector to score: whole packed batches, and labelled phrases.
 
 - :class:`PhraseScoringDataModule` serves a phrase cache for ``predict`` as ready-made batches of
   bit-packed phrases with their cache indices (no per-phrase Python work), sharded over ranks.
 - :func:`load_labelled_phrases` pairs a phrase cache with the ``labels.json`` of its MIDI folder.
-- :class:`LoopDetectorDataModule` is the audio-loop data the detector fits on, with a test split.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.audio_loops import AudioLoopDataModule
 from datamodules.demo import ensure_demo_input, read_window_labels
 from datamodules.pianoroll import REPORT_NAME, PhraseCache, ingest, load_phrase_cache
 
@@ -135,13 +133,3 @@ def load_labelled_phrases(cache: str | Path, midi: str | Path, labels: str | Pat
             label[index] = int(loop)
     return LabelledPhrases(packed=phrases.packed, label=label, missing=missing)
 
-
-class LoopDetectorDataModule(AudioLoopDataModule):
-    """The detector's data: C_WAV of audio loops to fit on; the held-out loops again for ``test``.
-
-    The test stage scores the held-out loops; the labelled MIDI phrases of the Fig. 3 analysis are
-    read by :class:`callbacks.loop_analysis.LoopAnalysis` at the end of that stage.
-    """
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

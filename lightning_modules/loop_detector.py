@@ -27,7 +27,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from datamodules.correlation import c_midi
+from datamodules.correlation import c_midi, c_midi_packed
 from lightning_modules.nets.svdd import SVDDDecoder, SVDDEncoder
 
 SIMILARITIES = ("hamming", "iou")
@@ -97,13 +97,16 @@ class LoopDetector(pl.LightningModule):
 
     @torch.no_grad()
     def score_phrases(self, phrases: torch.Tensor, similarity: str | None = None) -> torch.Tensor:
-        """Loop scores of boolean pianoroll phrases ``(N, 128, 57)`` via their C_MIDI.
+        """Loop scores ``(N,)`` of pianoroll phrases ``(N, 128, 57)`` (bool or 0/1) via their C_MIDI.
 
         ``similarity`` defaults to the one the detector was configured with.
         """
-        if len(phrases) == 0:
-            return torch.zeros(0, device=phrases.device)
         return self.loop_score(c_midi(phrases, similarity=similarity or self.hparams.similarity))
+
+    @torch.no_grad()
+    def score_packed(self, packed: torch.Tensor, similarity: str | None = None) -> torch.Tensor:
+        """Loop scores ``(N,)`` of bit-packed phrases uint8 ``(N, 912)``, straight from the packed bits."""
+        return self.loop_score(c_midi_packed(packed, similarity=similarity or self.hparams.similarity))
 
     def score_all(self, correlations: torch.Tensor) -> torch.Tensor:
         """:meth:`loop_score` of a large ``(N, 28)`` set, in chunks of ``score_batch_size``."""

@@ -1,7 +1,7 @@
 """Loop extraction: score every phrase of a phrase cache with a trained detector, keep the loops.
 
 Run as ``python train.py experiment=extract_loops detector=CKPT phrases=DIR out=DIR``. Each rank
-scores its shard of batches on its device (unpacking and C_MIDI on the device, one call per
+scores its shard of batches on its device (C_MIDI straight from the packed bits, one call per
 batch); at the end the (phrase index, score) pairs of all ranks are gathered and de-duplicated by
 index, so the result does not depend on the number of devices. Rank zero then writes into ``out``:
 
@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.loop_analysis import log_image, save_score_histogram
-from datamodules.pianoroll import unpack_phrases, write_phrase_cache
+from datamodules.pianoroll import write_phrase_cache
 from framework.io import atomic_path
 from lightning_modules.loop_detector import LoopDetector
 
@@ -58,7 +58,7 @@ class LoopExtractor(pl.LightningModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         indices, packed = batch
         self._indices.append(indices)
-        self._scores.append(self.detector.score_phrases(unpack_phrases(packed), similarity=self.similarity))
+        self._scores.append(self.detector.score_packed(packed, similarity=self.similarity))
 
     def on_predict_epoch_end(self) -> None:
         n_phrases = len(self.trainer.datamodule.phrases.packed)

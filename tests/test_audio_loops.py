@@ -117,6 +117,7 @@ def test_datamodule_split_covers_the_folder(loop_folder):
     assert [len(batch) for batch in module.train_dataloader()] == [4, 1]
     everything = torch.cat([train, val])
     assert torch.unique(everything, dim=0).shape[0] == 6
+    assert torch.equal(torch.cat(list(module.test_dataloader())), val)
 
 
 def test_no_usable_loop_fails_naming_the_folder(tmp_path):

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.correlation import bar_mel_spectra, bar_segments, c_midi, c_wav, pearson_upper
+from datamodules.correlation import (
+    _pair_counts_numpy,
+    _pair_counts_torch,
+    bar_mel_spectra,
+    bar_segments,
+    c_midi,
+    c_midi_packed,
+    c_wav,
+    pearson_upper,
+)
+from datamodules.pianoroll import pack_phrases
 from datamodules.synth import render_phrases
 
 SR = 8000
@@ -49,6 +59,46 @@ def test_c_midi_matches_naive_loop_for_numpy_and_torch(similarity):
     np.testing.assert_allclose(c_midi(phrases[3], similarity), expected[3], atol=1e-6)
 
 
+@pytest.mark.parametrize("similarity", ["hamming", "iou"])
+def test_c_midi_packed_matches_naive_loop_for_numpy_and_torch(similarity):
+    phrases = random_phrases(12, seed=3)
+    expected = np.stack([naive_c_midi(phrase, similarity) for phrase in phrases])
+    packed = pack_phrases(phrases)
+    from_numpy = c_midi_packed(packed, similarity)
+    from_torch = c_midi_packed(torch.from_numpy(packed), similarity)
+    assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.float32 and from_numpy.shape == (12, 28)
+    assert isinstance(from_torch, torch.Tensor) and from_torch.dtype == torch.float32
+    np.testing.assert_allclose(from_numpy, expected, atol=1e-6)
+    np.testing.assert_allclose(from_torch.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(c_midi_packed(packed[5], similarity), expected[5], atol=1e-6)
+
+
+def test_torch_popcount_backend_counts_like_numpy():
+    """The int64 bit arithmetic used off the CPU gives numpy's popcounts, including words with bit 63 set
+    and more phrases than one numpy chunk."""
+    rng = np.random.default_rng(4)
+    n = 2100
+    bars = np.packbits(rng.random((n, 8 * 912)) < rng.uniform(0, 1, size=(n, 1)), axis=1).reshape(n, 8, 114)
+    bars[0] = 0xFF
+    xor_numpy, bars_numpy = _pair_counts_numpy(bars, with_bar_counts=True)
+    xor_torch, bars_torch = _pair_counts_torch(torch.from_numpy(bars), with_bar_counts=True)
+    assert np.array_equal(xor_torch.numpy(), xor_numpy)
+    assert np.array_equal(bars_torch.numpy(), bars_numpy)
+    assert np.all(bars_numpy[0] == 912)
+    reference = np.unpackbits(bars, axis=2).astype(bool)
+    assert np.array_equal(bars_numpy, reference.sum(axis=2))
+    assert np.array_equal(xor_numpy[:, 0], (reference[:, 0] ^ reference[:, 1]).sum(axis=1))
+    assert np.array_equal(xor_numpy[:, -1], (reference[:, 6] ^ reference[:, 7]).sum(axis=1))
+
+
+@pytest.mark.parametrize("similarity", ["hamming", "iou"])
+def test_c_midi_of_an_empty_batch_is_empty(similarity):
+    assert c_midi(np.zeros((0, 128, 57), dtype=bool), similarity).shape == (0, 28)
+    assert c_midi(torch.zeros(0, 128, 57), similarity).shape == (0, 28)
+    assert c_midi_packed(np.zeros((0, 912), dtype=np.uint8), similarity).shape == (0, 28)
+    assert c_midi_packed(torch.zeros(0, 912, dtype=torch.uint8), similarity).shape == (0, 28)
+
+
 def test_c_midi_of_looped_phrases_is_one_exactly_for_repeating_bar_pairs():
     rng = np.random.default_rng(1)
     one_bar = np.tile(rng.random((16, 57)) < 0.2, (8, 1))
@@ -67,6 +117,10 @@ def test_c_midi_rejects_bad_shapes_and_similarities():
         c_midi(np.zeros((2, 100, 57)))
     with pytest.raises(ValueError, match="similarity"):
         c_midi(np.zeros((2, 128, 57)), "cosine")
+    with pytest.raises(ValueError, match="packed"):
+        c_midi_packed(np.zeros((2, 912), dtype=np.int64))
+    with pytest.raises(ValueError, match="packed"):
+        c_midi_packed(np.zeros((2, 100), dtype=np.uint8))
 
 
 def drum_and_bass_bar(pitch: int) -> np.ndarray:

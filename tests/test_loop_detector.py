@@ -127,13 +127,18 @@ def test_loop_score_is_the_mean_squared_latent_distance():
     assert torch.allclose(module.loop_score(x.numpy()), expected)
 
 
-def test_score_phrases_reads_c_midi_of_the_configured_similarity():
+def test_score_phrases_and_score_packed_read_c_midi_of_the_configured_similarity():
     from datamodules.correlation import c_midi
+    from datamodules.pianoroll import pack_phrases
 
     phrases = torch.rand(6, 128, 57) < 0.1
+    packed = torch.from_numpy(pack_phrases(phrases.numpy()))
     for similarity in ("hamming", "iou"):
         module = LoopDetector(pretrain_epochs=0, svdd_epochs=1, similarity=similarity)
-        assert torch.equal(module.score_phrases(phrases), module.loop_score(c_midi(phrases, similarity=similarity)))
+        expected = module.loop_score(c_midi(phrases, similarity=similarity))
+        assert torch.equal(module.score_phrases(phrases), expected)
+        assert torch.equal(module.score_packed(packed), expected)
+    assert module.score_packed(packed[:0]).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -203,7 +208,7 @@ def test_demo_run_separates_labelled_loops_and_writes_the_fig3_report(demo_root,
 def test_two_process_training_gives_one_detector(demo_root, tmp_path):
     """DDP on CPU: the SVDD phase leaves the decoder idle, which DDP must tolerate; the
     checkpoint carries a finite threshold that matches the training set scored afterwards."""
-    from datamodules.phrase_scoring import LoopDetectorDataModule
+    from datamodules.audio_loops import AudioLoopDataModule
     from tests.helpers import run_train_subprocess
 
     run_train_subprocess([
@@ -211,7 +216,7 @@ def test_two_process_training_gives_one_detector(demo_root, tmp_path):
         "model.pretrain_epochs=1", "model.svdd_epochs=2", "trainer.max_epochs=3", "stages=[fit]",
     ])
     module = LoopDetector.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    datamodule = LoopDetectorDataModule(loops=str(demo_root / "loops"), demo_root=str(demo_root))
+    datamodule = AudioLoopDataModule(loops=str(demo_root / "loops"), demo_root=str(demo_root))
     datamodule.setup("fit")
     log_scores = module.loop_score(datamodule.train_vectors()).double().log().numpy()
     assert module.threshold == pytest.approx(float(np.exp(log_scores.mean() + log_scores.std())), rel=1e-5)
