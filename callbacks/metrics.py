@@ -13,6 +13,8 @@ every seeded subsample drawn from it, the same for any number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -28,7 +30,16 @@ EMBEDDING_DIM = 128
 PRDC_KEYS = ("precision", "recall", "density", "coverage")
 # Distances below this fraction of the largest feature norm count as exact duplicates (distance 0).
 DUPLICATE_TOLERANCE = 1e-5
-_DISTANCE_BLOCK_ELEMENTS = 1 << 22
+# Float32 distances per block (32 MiB): amortises per-operation overheads, linear memory.
+_DISTANCE_BLOCK_ELEMENTS = 1 << 23
+# Float32 neighbours kept per row beyond the k+1 nearest, so near ties at the radius stay in view.
+_NEIGHBOUR_SLACK = 8
+# Exact distances are gathered this many pairs at a time; a block where more than one pair in
+# _DENSE_CANDIDATE_FRACTION needs one is recomputed densely instead.
+_PAIR_CHUNK = 1 << 14
+_DENSE_CANDIDATE_FRACTION = 8
+# Columns per group whose minimum screens a row for its nearest neighbours (_smallest_per_row).
+_GROUP_WIDTH = 64
 
 
 def _check_phrases(phrases: Tensor) -> None:
@@ -59,6 +70,65 @@ def f1_score(a: Tensor, b: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- PRDC
+#
+# Every squared distance is first computed in float32 by one matmul over augmented points (see
+# _PointSet). A float32 value ``e`` lies within a proven tolerance of the exact squared distance
+# ``d^2`` (_error_scale), so a comparison ``d^2 < b`` is already decided unless ``e`` is that close
+# to ``b``; only such near ties, usually the one neighbour that defines a radius, are recomputed
+# exactly in float64. Each of the three distance blocks is computed once.
+
+
+@dataclass(frozen=True)
+class _PointSet:
+    """One side of PRDC, centred, in the forms the two precisions need.
+
+    ``exact``: float64 points, the source of exact squared distances. ``left`` and ``right``: the
+    float32 points ``x`` as ``[x, |x|^2, 1]`` and ``[-2x, 1, |x|^2]``, so that ``left_i . right_j``
+    is ``|x_i - x_j|^2`` with the norms already added by the matmul. ``squared_norms``: float64
+    ``|x|^2`` of the float32 points, which scale the float32 error.
+    """
+
+    exact: Tensor
+    left: Tensor
+    right: Tensor
+    squared_norms: Tensor
+
+    @classmethod
+    def centred(cls, points: Tensor, centre: Tensor) -> _PointSet:
+        exact = points.to(device=centre.device, dtype=torch.float64) - centre
+        approximate = exact.to(torch.float32)
+        squared_norms = approximate.double().square().sum(dim=1)
+        norms32, ones = squared_norms.to(torch.float32).unsqueeze(1), torch.ones_like(approximate[:, :1])
+        left = torch.cat([approximate, norms32, ones], dim=1)
+        right = torch.cat([-2 * approximate, ones, norms32], dim=1)
+        return cls(exact, left, right, squared_norms)
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+
+def _error_scale(dim: int) -> float:
+    """``c`` with ``|e - d^2| <= c (|x|^2 + |y|^2)`` for the float32 squared distance ``e``.
+
+    With ``u = 2^-24``: rounding the centred points to float32 moves ``d^2`` by at most
+    ``4u (|x|^2 + |y|^2)``; the ``dim + 2`` term float32 dot product errs, in any summation order,
+    by at most ``gamma_(dim+2) = (dim + 2) u / (1 - (dim + 2) u)`` times the sum of its absolute
+    terms, itself at most ``2 (|x|^2 + |y|^2)``; rounding the norms and a float64 threshold to
+    float32 adds ``4u``. The sum is ``(2 (dim + 2) + 8) u`` to first order; it is doubled to cover
+    the higher-order terms with room to spare.
+    """
+    return 2 * (2 * (dim + 2) + 8) * 2.0**-24
+
+
+@contextlib.contextmanager
+def _full_precision_float32_matmul() -> Iterator[None]:
+    """Float32 matmuls in float32 (no TF32 or bfloat16 shortcuts), which the error bound assumes."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _row_chunks(n_rows: int, n_cols: int, chunk_size: int | None) -> Iterator[slice]:
@@ -67,37 +137,156 @@ def _row_chunks(n_rows: int, n_cols: int, chunk_size: int | None) -> Iterator[sl
         yield slice(start, min(start + size, n_rows))
 
 
-def _partial_squared_distances(x: Tensor, y: Tensor, chunk_size: int | None) -> Iterator[tuple[slice, Tensor]]:
-    """Row chunks of ``|y_j|^2 - 2 x_i.y_j`` (float64): squared distances less the row constant ``|x_i|^2``.
+def _approximate_blocks(x: _PointSet, y: _PointSet, chunk_size: int | None) -> Iterator[tuple[slice, Tensor]]:
+    """Row chunks of float32 squared distances from ``x`` to ``y``, written into one reused buffer."""
+    chunks = list(_row_chunks(len(x), len(y), chunk_size))
+    buffer = torch.empty(chunks[0].stop, len(y), dtype=torch.float32, device=x.left.device)
+    for rows in chunks:
+        block = buffer[: rows.stop - rows.start]
+        yield rows, torch.mm(x.left[rows], y.right.T, out=block)
 
-    Comparisons against per-row thresholds fold ``|x_i|^2`` into the threshold, which saves a pass
-    over every block; only one block of ``chunk_size`` rows exists at a time.
+
+def _pair_squared_distances(x: Tensor, y: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """``|x_i - y_j|^2`` in float64 for index pairs, a bounded number of pairs at a time."""
+    out = torch.empty(len(i), dtype=torch.float64, device=x.device)
+    for start in range(0, len(i), _PAIR_CHUNK):
+        part = slice(start, start + _PAIR_CHUNK)
+        out[part] = (x[i[part]] - y[j[part]]).square_().sum(dim=1)
+    return out
+
+
+def _dense_squared_distances(x: Tensor, y: Tensor) -> Tensor:
+    """All ``|x_i - y_j|^2`` in float64, for rows whose candidates are too many to take pairwise."""
+    squared = torch.addmm(y.square().sum(dim=1).unsqueeze(0), x, y.T, alpha=-2.0)
+    return squared.add_(x.square().sum(dim=1, keepdim=True)).clamp_min_(0)
+
+
+def _kth_neighbour(squared: Tensor, k: int, floor: float, distinct: bool) -> Tensor:
+    """Per row of exact squared distances (the point itself included), the squared radius.
+
+    ``distinct=False`` is the reference: the (k+1)-th smallest, so exact duplicates count as
+    neighbours. ``distinct=True`` skips duplicates (squared distance at most ``floor``) and takes
+    the k-th nearest *different* point, or the farthest one if fewer than k exist.
     """
-    y_sq = y.square().sum(dim=1).unsqueeze(0)
-    for rows in _row_chunks(len(x), len(y), chunk_size):
-        yield rows, torch.addmm(y_sq, x[rows], y.T, alpha=-2.0)
+    if not distinct:
+        return squared.topk(k + 1, dim=1, largest=False).values[:, -1]
+    farthest = squared.amax(dim=1)
+    kth = squared.masked_fill(squared <= floor, float("inf")).topk(k, dim=1, largest=False).values[:, -1]
+    return torch.minimum(kth, farthest)
 
 
-def _squared_radii(x: Tensor, k: int, floor: float, distinct: bool, chunk_size: int | None) -> Tensor:
-    """Squared distance of every row of ``x`` to its k-th nearest neighbour in ``x``, self excluded.
+def _smallest_per_row(block: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """``block.topk(count, dim=1, largest=False)`` (any strides), found mostly by cheap group minima.
 
-    ``distinct=False`` is the reference: the (k+1)-th smallest distance including the point itself,
-    so exact duplicates count as neighbours. ``distinct=True`` skips duplicates (squared distance
-    at most ``floor``) and takes the k-th nearest *different* point, or the farthest one if fewer
-    than k exist.
+    The ``count`` groups of ``_GROUP_WIDTH`` columns with the smallest minima hold ``count``
+    values no larger than the ``count``-th smallest minimum, and every column of another group
+    is at least that large; so the row's ``count`` smallest values are among those groups' columns
+    and the columns past the last whole group, and one small topk over them finds them.
     """
-    x_sq = x.square().sum(dim=1)
-    radii = torch.empty_like(x_sq)
-    for rows, partial in _partial_squared_distances(x, x, chunk_size):
-        row_sq = x_sq[rows]
-        if distinct:
-            farthest = partial.amax(dim=1)
-            partial.masked_fill_(partial <= (floor - row_sq).unsqueeze(1), float("inf"))
-            kth = torch.minimum(partial.topk(k, dim=1, largest=False).values[:, -1], farthest)
-        else:
-            kth = partial.topk(k + 1, dim=1, largest=False).values[:, -1]
-        radii[rows] = (kth + row_sq).clamp_min(0)
+    rows, columns = block.shape
+    groups = columns // _GROUP_WIDTH
+    if groups <= count:
+        return block.topk(count, dim=1, largest=False)
+    row_stride, column_stride = block.stride()
+    grouped = block.as_strided(
+        (rows, groups, _GROUP_WIDTH), (row_stride, _GROUP_WIDTH * column_stride, column_stride), block.storage_offset()
+    )
+    minima = grouped.amin(dim=2)
+    chosen = minima.topk(count, dim=1, largest=False).indices.unsqueeze(2) * _GROUP_WIDTH
+    offsets = torch.arange(_GROUP_WIDTH, device=block.device)
+    candidates = (chosen + offsets).reshape(rows, count * _GROUP_WIDTH)
+    remainder = torch.arange(groups * _GROUP_WIDTH, columns, device=block.device).expand(rows, -1)
+    candidates = torch.cat([candidates, remainder], dim=1)
+    smallest = block.gather(1, candidates).topk(count, dim=1, largest=False)
+    return smallest.values, candidates.gather(1, smallest.indices)
+
+
+def _squared_radii(points: _PointSet, k: int, floor: float, distinct: bool, chunk_size: int | None) -> Tensor:
+    """Squared distance of every point to its k-th nearest neighbour in its own set (:func:`_kth_neighbour`).
+
+    Each row keeps its ``kept = k + 1 + _NEIGHBOUR_SLACK`` nearest points by float32 distance and
+    the float32 estimate of the rank statistic. Points more than twice the tolerance below the
+    estimate are certainly nearer than the radius (and, unless possibly duplicates, keep their
+    float32 value, which lies below it too); points as far above are certainly farther (+inf);
+    only the rest get exact distances, usually the one neighbour that defines the radius. The
+    order statistic of the settled list is then exact, provided the list reaches past the
+    estimate; rows where it does not (near ties, many duplicates) are recomputed in full. Without
+    ``distinct``, a row whose list holds only upper bounds and already puts the radius at or
+    below ``floor`` needs no recomputation: the true radius is no larger and contains nothing too.
+    """
+    n = len(points)
+    kept = min(n, k + 1 + _NEIGHBOUR_SLACK)
+    nearest = [_smallest_per_row(block, kept) for _, block in _approximate_blocks(points, points, chunk_size)]
+    values = torch.cat([block_values for block_values, _ in nearest]).double()
+    neighbours = torch.cat([block_neighbours for _, block_neighbours in nearest])
+    tolerance = _error_scale(points.exact.shape[1]) * (points.squared_norms + points.squared_norms.max()).unsqueeze(1)
+    possible_duplicate = values <= floor + tolerance
+    if distinct:  # the k-th distinct neighbour comes after every possible duplicate
+        rank = possible_duplicate.sum(dim=1, keepdim=True) + (k - 1)
+    else:
+        rank = torch.full_like(neighbours[:, :1], k)
+    estimate = values.gather(1, rank.clamp(max=kept - 1))
+    below = values < estimate - 2 * tolerance
+    if distinct:
+        below &= ~possible_duplicate
+    above = values > estimate + 2 * tolerance
+    settled = values.masked_fill(above, float("inf"))
+    unsure_row, unsure_col = (~(below | above)).nonzero(as_tuple=True)
+    settled[unsure_row, unsure_col] = _pair_squared_distances(
+        points.exact, points.exact, unsure_row, neighbours[unsure_row, unsure_col]
+    )
+    radii = _kth_neighbour(settled, k, floor, distinct)
+    complete = (rank < kept - 1) & (above[:, -1:] | (kept == n))
+    if not distinct:
+        complete |= (radii <= floor).unsqueeze(1) & ~below.any(dim=1, keepdim=True)
+    incomplete = (~complete.squeeze(1)).nonzero().squeeze(1)
+    for rows in incomplete.split(_DISTANCE_BLOCK_ELEMENTS // (2 * n) + 1):  # float64: as many bytes as a block
+        radii[rows] = _kth_neighbour(_dense_squared_distances(points.exact[rows], points.exact), k, floor, distinct)
     return radii
+
+
+def _within(squared: Tensor, tolerance: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
+    """``(inside, unsure)``: float32 squared distances certainly below ``bound``, and too close to tell."""
+    inside = squared < bound - tolerance
+    return inside, (squared < bound + tolerance) & ~inside
+
+
+def _ball_memberships(
+    real: _PointSet, fake: _PointSet, real_bound: Tensor, fake_bound: Tensor, chunk_size: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """From one pass over the real-fake distances: per fake, the number of real balls holding it;
+    per real, whether some fake lies in its ball (coverage) and whether it lies in some fake's
+    ball (recall).
+
+    Float32 limits that add the largest tolerance to each bound pick the few candidate pairs;
+    each candidate is then decided with its own tolerance, or exactly if that is not enough.
+    """
+    scale = _error_scale(real.exact.shape[1])
+    real_limit = (real_bound + scale * (real.squared_norms + fake.squared_norms.max())).to(torch.float32)
+    fake_limit = (fake_bound + scale * (fake.squared_norms + real.squared_norms.max())).to(torch.float32)
+    balls_per_fake = torch.zeros(len(fake), dtype=torch.int64, device=real_bound.device)
+    covered = torch.zeros(len(real), dtype=torch.bool, device=real_bound.device)
+    recalled = torch.zeros_like(covered)
+    for rows, approximate in _approximate_blocks(real, fake, chunk_size):
+        candidates = approximate < real_limit[rows].unsqueeze(1)
+        candidates |= approximate < fake_limit
+        block_i, j = candidates.nonzero(as_tuple=True)
+        squared = approximate[block_i, j].double()
+        i = block_i + rows.start
+        tolerance = scale * (real.squared_norms[i] + fake.squared_norms[j])
+        in_real_ball, unsure_real = _within(squared, tolerance, real_bound[i])
+        in_fake_ball, unsure_fake = _within(squared, tolerance, fake_bound[j])
+        unsure = (unsure_real | unsure_fake).nonzero().squeeze(1)
+        if len(unsure) * _DENSE_CANDIDATE_FRACTION > candidates.numel():
+            exact = _dense_squared_distances(real.exact[rows], fake.exact)[block_i[unsure], j[unsure]]
+        else:
+            exact = _pair_squared_distances(real.exact, fake.exact, i[unsure], j[unsure])
+        in_real_ball[unsure] = exact < real_bound[i[unsure]]
+        in_fake_ball[unsure] = exact < fake_bound[j[unsure]]
+        balls_per_fake += torch.bincount(j[in_real_ball], minlength=len(fake))
+        covered[i[in_real_ball]] = True
+        recalled[i[in_fake_ball]] = True
+    return balls_per_fake, covered, recalled
 
 
 def _strict_bound(squared_radii: Tensor, floor: float) -> Tensor:
@@ -131,10 +320,12 @@ def prdc(
 
     Same definitions and results as the ``prdc`` package: Euclidean distance, radius of a point =
     distance to its k-th nearest neighbour in its own set excluding itself, membership by strict
-    ``<``. Squared distances are computed in float64 and compared against bounds that reproduce the
-    reference's float32 rounding (:func:`_strict_bound`), so even near ties agree. Runs on the
-    inputs' device in blocks of ``chunk_size`` rows (default: about 4M distances a block), so memory
-    grows linearly with the set sizes.
+    ``<``. Each of the three distance blocks (real-real, fake-fake, real-fake) is computed once,
+    in float32; radii and ball memberships that float32 cannot decide are settled with exact
+    float64 distances against bounds that reproduce the reference's float32 rounding
+    (:func:`_strict_bound`), so even near ties agree. Runs on the inputs' device in blocks of
+    ``chunk_size`` rows (default: about 8M distances a block), so memory grows linearly with the
+    set sizes.
 
     Exact duplicates: a point whose k nearest neighbours are all copies of itself gets radius 0
     and, with strict ``<``, contains nothing, not even its copies; in symbolic music (many
@@ -148,33 +339,23 @@ def prdc(
         raise ValueError(f"real and fake must be (N, D) with equal D, got {tuple(real.shape)} and {tuple(fake.shape)}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"PRDC with k={k} needs more than {k} real and fake samples, got {len(real)} and {len(fake)}")
+    for name, features in (("real", real), ("fake", fake)):
+        if not torch.isfinite(features).all():
+            raise ValueError(f"{name} features contain NaN or infinite values")
     centre = real.mean(dim=0, dtype=torch.float64)
-    real = real.to(torch.float64) - centre
-    fake = fake.to(device=real.device, dtype=torch.float64) - centre
-    real_sq = real.square().sum(dim=1)
-    floor = DUPLICATE_TOLERANCE**2 * max(real_sq.max().item(), fake.square().sum(dim=1).max().item())
+    real, fake = _PointSet.centred(real, centre), _PointSet.centred(fake, centre)
+    floor = DUPLICATE_TOLERANCE**2 * max(real.squared_norms.max().item(), fake.squared_norms.max().item())
 
-    real_bound = _strict_bound(_squared_radii(real, k, floor, distinct_neighbours, chunk_size), floor)
-    fake_bound = _strict_bound(_squared_radii(fake, k, floor, distinct_neighbours, chunk_size), floor)
-
-    balls_per_fake = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
-    recalled = torch.zeros((), dtype=torch.int64, device=real.device)
-    covered = torch.zeros((), dtype=torch.int64, device=real.device)
-    ones = torch.ones(1, len(real), dtype=torch.float32, device=real.device)
-    for rows, partial in _partial_squared_distances(real, fake, chunk_size):
-        inside_real_ball = partial < (real_bound[rows] - real_sq[rows]).unsqueeze(1)
-        # Column counts as a float32 vector-matrix product: exact (counts < 2^24), and much faster
-        # than summing booleans over rows.
-        balls_per_fake += (ones[:, rows] @ inside_real_ball.to(torch.float32)).squeeze(0).to(torch.int64)
-        covered += inside_real_ball.any(dim=1).sum()
-        inside_fake_ball = partial.sub_(fake_bound) < -real_sq[rows].unsqueeze(1)
-        recalled += inside_fake_ball.any(dim=1).sum()
+    with _full_precision_float32_matmul():
+        real_bound = _strict_bound(_squared_radii(real, k, floor, distinct_neighbours, chunk_size), floor)
+        fake_bound = _strict_bound(_squared_radii(fake, k, floor, distinct_neighbours, chunk_size), floor)
+        balls_per_fake, covered, recalled = _ball_memberships(real, fake, real_bound, fake_bound, chunk_size)
 
     return {
         "precision": (balls_per_fake > 0).float().mean(),
-        "recall": recalled.float() / len(real),
+        "recall": recalled.float().mean(),
         "density": balls_per_fake.sum().float() / (k * len(fake)),
-        "coverage": covered.float() / len(real),
+        "coverage": covered.float().mean(),
     }
 
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from prdc import compute_prdc
 
+import callbacks.metrics as metrics
 from callbacks.metrics import (
     PRDC,
     PRDC_KEYS,
@@ -21,6 +22,7 @@ from callbacks.metrics import (
     NoteDensity,
     UniquePitch,
     _pack,
+    _smallest_per_row,
     embed,
     f1_score,
     note_density,
@@ -94,11 +96,79 @@ def test_radius_zero_contains_nothing_unless_distinct_neighbours():
     assert distinct["density"].item() >= 6 / 5
 
 
+@pytest.mark.parametrize("dense_fraction", [None, 10**9])
+def test_prdc_equals_reference_where_float32_cannot_decide(monkeypatch, dense_fraction):
+    # The fake set sits far from the real mean, so its float32 squared distances carry errors far
+    # larger than the gaps between neighbours: radii and ball memberships fall back to exact
+    # float64 distances, row by row and pair by pair, or block by block (forced by a huge
+    # dense fraction: any undecided pair then sends its whole block to the dense path).
+    if dense_fraction is not None:
+        monkeypatch.setattr(metrics, "_DENSE_CANDIDATE_FRACTION", dense_fraction)
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((200, 16)).astype(np.float32)
+    fake = (rng.standard_normal((150, 16)) + 300).astype(np.float32)
+    fake[:40] = (real[:40] + 300).astype(np.float32)
+    real[150:] = fake[100:150] - 1e-3  # real points in the fake cloud, next to fakes
+    dense_shapes = []
+    dense = metrics._dense_squared_distances
+    monkeypatch.setattr(metrics, "_dense_squared_distances", lambda x, y: dense_shapes.append(len(y)) or dense(x, y))
+    assert_matches_reference(real, fake, 5)
+    assert set(dense_shapes) >= {200, 150}  # radii of both sets
+    assert (dense_fraction is not None) == (dense_shapes.count(150) > 1)  # real-fake blocks
+
+
+def distinct_neighbours_reference(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
+    """The package's PRDC with radii to the k-th nearest *distinct* point (exact duplicates skipped)."""
+
+    def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        squared = ((a[:, None, :].astype(np.float64) - b[None, :, :].astype(np.float64)) ** 2).sum(axis=2)
+        return np.sqrt(squared.astype(np.float32))
+
+    def radii(points: np.ndarray) -> np.ndarray:
+        own = distances(points, points)
+        return np.sort(np.where(own > 0, own, np.inf), axis=1)[:, k - 1]
+
+    real_radii, fake_radii, cross = radii(real), radii(fake), distances(real, fake)
+    in_real_balls = cross < real_radii[:, None]
+    return {
+        "precision": in_real_balls.any(axis=0).mean(),
+        "recall": (cross < fake_radii[None, :]).any(axis=1).mean(),
+        "density": in_real_balls.sum(axis=0).mean() / k,
+        "coverage": (cross.min(axis=1) < real_radii).mean(),
+    }
+
+
+@pytest.mark.parametrize("chunk_size", [None, 9])
+def test_distinct_neighbours_equals_brute_force(chunk_size):
+    # Some points have many copies (more than the neighbour list holds), some none.
+    rng = np.random.default_rng(5)
+    distinct = rng.standard_normal((70, 8)).astype(np.float32)
+    real = np.concatenate([distinct[rng.integers(0, 70, 180)], np.repeat(distinct[:2], 15, axis=0)])
+    fake = np.concatenate([distinct[rng.integers(0, 70, 60)], rng.standard_normal((120, 8)).astype(np.float32)])
+    expected = distinct_neighbours_reference(real, fake, 5)
+    got = prdc(torch.from_numpy(real), torch.from_numpy(fake), 5, distinct_neighbours=True, chunk_size=chunk_size)
+    for key in PRDC_KEYS:
+        assert got[key].item() == pytest.approx(expected[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("columns", [50, 64 * 14, 64 * 20 + 37, 3000])
+def test_smallest_per_row_equals_topk(columns):
+    generator = torch.Generator().manual_seed(columns)
+    block = torch.randint(0, 200, (40, columns), generator=generator).float()  # many ties
+    for view in (block, block.T.contiguous().T):  # row-major and column-major storage
+        values, indices = _smallest_per_row(view, 14)
+        assert torch.equal(values, view.topk(14, dim=1, largest=False).values)
+        assert torch.equal(view.gather(1, indices), values)
+        assert all(len(set(row.tolist())) == 14 for row in indices)
+
+
 def test_prdc_rejects_too_few_samples_and_mismatched_features():
     with pytest.raises(ValueError, match="more than 5"):
         prdc(torch.randn(5, 3), torch.randn(10, 3), 5)
     with pytest.raises(ValueError, match="equal D"):
         prdc(torch.randn(10, 3), torch.randn(10, 4), 5)
+    with pytest.raises(ValueError, match="fake features contain NaN"):
+        prdc(torch.randn(10, 3), torch.randn(10, 3).index_fill(0, torch.tensor([4]), float("nan")), 5)
 
 
 def test_f1_of_table_3_means():
