@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test test-fast benchmarks clean
+.PHONY: install demo demo-mixing test test-fast benchmarks clean
 
 install: $(INSTALLED)
 
@@ -17,6 +17,9 @@ $(INSTALLED): requirements.txt
 
 demo: $(INSTALLED)
 	$(PY) pipeline.py
+
+demo-mixing: $(INSTALLED)
+	$(PY) pipeline.py 'steps=[mixer,mix]'
 
 test: $(INSTALLED)
 	$(PY) -m pytest -n 2 --dist loadgroup -q

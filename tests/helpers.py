@@ -9,6 +9,16 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Per experiment, arguments that shrink one training step to seconds on a CPU.
+QUICK = {
+    "loop_detector": ["model.pretrain_epochs=1", "model.svdd_epochs=1"],
+    "vqvae": ["trainer.max_epochs=1", "datamodule.batch_size=64"],
+    "cnn_vae": ["trainer.max_epochs=1", "datamodule.batch_size=64", "callbacks.generation.n_samples=32",
+                "callbacks.generation.n_networks=2"],
+    "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1"],
+    "mixer_paper": ["datamodule.batch_size=1", "trainer.precision=32-true"],
+}
+
 
 def run_train(args: Sequence[str]):
     """Run ``train.py`` in this process; return (trainer, module, datamodule, cfg)."""

@@ -1,13 +1,14 @@
 """W&B sweep files: the agent's own command renderer must produce a train.py call that runs."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import yaml
 from wandb import wandb_agent
 
-from tests.helpers import REPO, run_train
+from tests.helpers import QUICK, REPO, run_train
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
@@ -61,6 +62,11 @@ def test_agent_command_runs_and_logs_the_sweep_metric(sweep_file, monkeypatch, t
     command = render_agent_command(sweep, proposal, monkeypatch, tmp_path)
     assert command[:3] == ["/usr/bin/env", "python", "train.py"]
     assert [f"{k}={v}" for k, v in proposal.items()] == command[-len(proposal):]
-    trainer, *_ = run_train([*command[3:], "trainer.fast_dev_run=true", "trainer.accelerator=cpu",
-                             f"run_dir={tmp_path / 'run'}", f"paths.demo={demo_root}"])
-    assert sweep["metric"]["name"] in trainer.callback_metrics
+    experiment = next(a.split("=", 1)[1] for a in command if a.startswith("experiment="))
+    run_dir = tmp_path / "run"
+    run_train([*command[3:], *QUICK.get(experiment, []), "logger=csv", "trainer.accelerator=cpu",
+               "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+               f"run_dir={run_dir}", f"paths.demo={demo_root}"])
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        logged = next(csv.reader(handle))
+    assert sweep["metric"]["name"] in logged, logged

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from framework.config import CONFIG_DIR, ConfigError
-from tests.helpers import run_train, run_train_subprocess
+from tests.helpers import QUICK, run_train, run_train_subprocess
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -20,6 +20,7 @@ def experiment_args(name: str, demo_root, tmp_path, request) -> list[str]:
     stage's output get it from a fixture."""
     args = [f"experiment={name}", f"paths.demo={demo_root}", f"run_dir={tmp_path / name}",
             "trainer.accelerator=cpu", "trainer.fast_dev_run=true"]
+    args += QUICK.get(name, [])
     if name == "extract_loops":
         args += [f"detector={request.getfixturevalue('detector_ckpt')}", f"out={tmp_path / 'loops'}"]
     if name == "prior":

@@ -1,0 +1,163 @@
+"""Run the loop-generation chain end to end: ``python pipeline.py [key=value ...]``.
+
+Each step is an ordinary stage of the framework (``train.py`` experiments, the code-cache encoder,
+``generate.py``, ``evaluate.py``) called with the previous steps' outputs by path, so any step can
+be re-run alone with the command it prints. Keys and defaults: ``configs/pipeline.yaml``; the
+outputs all land in ``run_dir``:
+
+    detector/   loop detector run (checkpoint, score histogram, Fig. 3 analysis)
+    loops/      extracted loops (phrase cache, scores, histogram)
+    vqvae/ prior/ cnn_vae/   training runs
+    codes/      VQ-VAE code cache
+    generated/  MIDI loops, pianoroll grid, WAV previews, summary
+    evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
+    mixer/ mixes/   the automatic-mixing steps: mixer training run, mixes of the dry songs
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig
+
+import evaluate
+import generate
+import mix
+import train
+from datamodules.codes import encode_phrase_cache
+from framework.cli import script_main
+from framework.config import ConfigError, load_config
+from lightning_modules.vqvae import VQVAE
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "pipeline.yaml"
+
+
+class Pipeline:
+    """The steps of one pipeline run and the paths they hand to each other."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.run_dir)
+        self.args = cfg.scales[cfg.scale]
+        self.checkpoints: dict[str, str] = {}
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def _train(self, step: str, experiment: str, *args: str) -> str:
+        """Run ``train.py experiment=...`` into ``<run_dir>/<step>``; return its evaluation checkpoint."""
+        cfg = self.cfg
+        argv = [
+            f"experiment={experiment}", f"run_dir={self.path(step)}", f"seed={cfg.seed}",
+            f"paths.demo={cfg.demo}", f"logger={cfg.logger}", f"trainer.accelerator={cfg.accelerator}",
+            f"trainer.devices={cfg.devices}", *(["trainer.strategy=ddp"] if cfg.devices > 1 else []),
+            *args, *self.args[step],
+        ]
+        print(f"    python train.py {' '.join(argv)}")
+        trainer, *_ = train.run(argv)
+        callback = trainer.checkpoint_callback
+        best = callback.best_model_path if callback.monitor else ""
+        return best or str(self.path(step) / "checkpoints" / "last.ckpt")
+
+    def detector(self) -> None:
+        cfg = self.cfg
+        if cfg.labels:
+            analysis = [f"callbacks.loop_analysis.labels={cfg.labels}", f"callbacks.loop_analysis.midi={cfg.midi}",
+                        f"callbacks.loop_analysis.phrases={cfg.phrases}"]
+        else:
+            analysis = ["callbacks.loop_analysis=null"]
+        self.checkpoints["detector"] = self._train("detector", "loop_detector", f"datamodule.loops={cfg.loops}", *analysis)
+
+    def extract(self) -> None:
+        self._train("extract", "extract_loops", f"detector={self.checkpoints['detector']}",
+                    f"phrases={self.cfg.phrases}", f"datamodule.midi={self.cfg.midi}", f"out={self.path('loops')}")
+
+    def vqvae(self) -> None:
+        self.checkpoints["vqvae"] = self._train("vqvae", "vqvae", f"datamodule.cache={self.path('loops')}",
+                                                "datamodule.midi=null")
+
+    def encode(self) -> None:
+        ckpt = self.checkpoints["vqvae"]
+        print(f"    python -m datamodules.codes encode --ckpt {ckpt} --phrases {self.path('loops')} --out {self.path('codes')}")
+        device = "cuda" if self.cfg.accelerator in ("gpu", "cuda") else "cpu"
+        model = VQVAE.load_from_checkpoint(ckpt, map_location=device)
+        encode_phrase_cache(model, self.path("loops"), self.path("codes"), device=device, vqvae_ckpt=ckpt)
+
+    def prior(self) -> None:
+        self.checkpoints["prior"] = self._train("prior", "prior", f"datamodule.codes={self.path('codes')}")
+
+    def cnn_vae(self) -> None:
+        self.checkpoints["cnn_vae"] = self._train(
+            "cnn_vae", "cnn_vae", f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
+            f"callbacks.generation.detector={self.checkpoints['detector']}")
+
+    def generate(self) -> None:
+        argv = [f"prior={self.checkpoints['prior']}", f"detector={self.checkpoints['detector']}",
+                f"out={self.path('generated')}", f"seed={self.cfg.seed}", *self.args.generate]
+        print(f"    python generate.py {' '.join(argv)}")
+        _check(generate.main(argv), "generate.py")
+
+    def evaluate(self) -> None:
+        argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}",
+                f"prior={self.checkpoints['prior']}", f"cnn_vae={self.checkpoints.get('cnn_vae')}",
+                f"out={self.path('evaluation')}", f"seed={self.cfg.seed}", *self.args.evaluate]
+        print(f"    python evaluate.py {' '.join(argv)}")
+        _check(evaluate.main(argv), "evaluate.py")
+
+    def mixer(self) -> None:
+        self.checkpoints["mixer"] = self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
+                                              f"datamodule.cache={self.cfg.normalised}")
+
+    def mix(self) -> None:
+        songs = sorted(p for p in Path(self.cfg.dry).iterdir() if p.is_dir())
+        if not songs:
+            raise FileNotFoundError(f"dry={self.cfg.dry} holds no song folders")
+        for song in songs:
+            argv = [f"ckpt={self.checkpoints['mixer']}", f"stems={song}", f"out={self.path('mixes') / song.name}.wav"]
+            print(f"    python mix.py {' '.join(argv)}")
+            _check(mix.main(argv), "mix.py")
+
+    def steps(self) -> list[tuple[str, Callable[[], None]]]:
+        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "generate", "evaluate", "mixer", "mix")
+        unknown = [s for s in self.cfg.steps if s not in valid]
+        if unknown:
+            raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")
+        return [(name, getattr(self, name)) for name in self.cfg.steps]
+
+
+def _check(returncode: int, what: str) -> None:
+    if returncode:
+        raise RuntimeError(f"{what} exited with {returncode}")
+
+
+def run(argv: Sequence[str]) -> Pipeline:
+    cfg = load_config(CONFIG, argv)
+    if cfg.scale not in cfg.scales:
+        raise ConfigError(f"scale={cfg.scale!r}; choose one of: {', '.join(cfg.scales)}.")
+    pipeline = Pipeline(cfg)
+    steps = pipeline.steps()
+    started = time.monotonic()
+    for number, (name, step) in enumerate(steps, 1):
+        print(f"\n[{number}/{len(steps)}] {name}  ({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        step()
+    root = pipeline.root
+    print(f"\nDone in {time.monotonic() - started:.0f} s. Outputs in {root}:")
+    for label, where in [("generated MIDI loops", root / "generated" / "midi"),
+                         ("pianorolls", root / "generated" / "pianorolls.png"),
+                         ("evaluation tables", root / "evaluation"),
+                         ("rejection sweep plot", root / "evaluation" / "rejection.png"),
+                         ("detector analysis", root / "detector" / "loop_analysis"),
+                         ("mixes of the dry songs", root / "mixes")]:
+        if where.exists():
+            print(f"  {label:22s} {where}")
+    return pipeline
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return script_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
