@@ -608,12 +608,14 @@ def ingest(src: str | Path, out: str | Path, workers: int = 1, chunk_size: int =
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(src), str(shard), chunk) for shard, chunk in zip(shards, chunks) if not _shard_is_current(shard, chunk)]
     with tqdm(total=len(files), initial=len(files) - sum(len(job[2]) for job in jobs), unit="file", desc="ingest", disable=not progress) as bar:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                bar.update(_ingest_chunk(job))
-        else:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                for done in pool.imap_unordered(_ingest_chunk, jobs):
+        # The first chunk runs here, so the compiled MIDI scanner is cached before worker
+        # processes start: numba's on-disk cache is not safe against concurrent first writes.
+        serial, parallel = (jobs, []) if workers <= 1 or len(jobs) <= 1 else (jobs[:1], jobs[1:])
+        for job in serial:
+            bar.update(_ingest_chunk(job))
+        if parallel:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(parallel))) as pool:
+                for done in pool.imap_unordered(_ingest_chunk, parallel):
                     bar.update(done)
     report = _summarise(shards)
     report["source"] = str(src)

@@ -33,6 +33,10 @@ def render_agent_command(sweep: dict, args: dict, monkeypatch, tmp_path: Path) -
     monkeypatch.setattr(wandb_agent, "AgentProcess", RecordingProcess)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SWEEP_ID", "test-sweep")
+    # The agent exports the run's id and parameter file to its children through os.environ;
+    # registering them with monkeypatch removes them again after the test.
+    monkeypatch.setenv(wandb_agent.wandb.env.RUN_ID, "")
+    monkeypatch.setenv(wandb_agent.wandb.env.SWEEP_PARAM_PATH, "")
     agent = wandb_agent.Agent.__new__(wandb_agent.Agent)
     agent._sweep_command = list(sweep["command"])
     agent._function = None
