@@ -14,6 +14,7 @@ every seeded subsample drawn from it, the same for any number of ranks.
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -451,9 +452,9 @@ class _PerPhraseMean(Metric):
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("index", default=[], dist_reduce_fx="cat")
 
+    @abstractmethod
     def score(self, phrases: Tensor) -> Tensor:
         """Per-phrase values ``(N,)``."""
-        raise NotImplementedError
 
     def update(self, phrases: Tensor, index: Tensor | None = None) -> None:
         scores = self.score(phrases).float()
@@ -509,9 +510,9 @@ class _RealFakeSets(Metric):
             self.add_state(side, default=[], dist_reduce_fx="cat")
             self.add_state(f"{side}_index", default=[], dist_reduce_fx="cat")
 
+    @abstractmethod
     def encode(self, samples: Tensor) -> Tensor:
         """How one side's samples are stored."""
-        raise NotImplementedError
 
     def update(
         self,
