@@ -274,7 +274,7 @@ class MixMetrics(pl.Callback):
 
     On global rank 0 it also writes input (sum of stems) / output / target WAVs and a spectrogram PNG
     of the first ``n_media`` segments of the first validation batch to
-    ``<default_root_dir>/media/epoch_XXX/`` and logs them to every attached ``WandbLogger``. Needs
+    ``<default_root_dir>/media/epoch_NNN/`` and logs them to every attached ``WandbLogger``. Needs
     the module's ``validation_step`` to return ``{"mix": output}``; the sanity check is skipped.
     """
 
