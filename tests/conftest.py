@@ -10,8 +10,9 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 # numba's on-disk cache can be corrupted when two processes compile the same function at once
 # (pytest-xdist workers importing librosa in a fresh environment): one cache folder per test
-# process. Subprocesses a test starts inherit it after this process has filled it.
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"numba-cache-{os.getpid()}"))
+# process, set unconditionally because the workers inherit the controlling process's environment.
+# Subprocesses a test starts inherit their worker's folder after the worker has filled it.
+os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"numba-cache-{os.getpid()}")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
