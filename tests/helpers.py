@@ -20,6 +20,16 @@ QUICK = {
 }
 
 
+def save_checkpoint(module, path) -> str:
+    """Save an (untrained) LightningModule so that ``Cls.load_from_checkpoint(path)`` restores it."""
+    import pytorch_lightning as pl
+    import torch
+
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": pl.__version__}, path)
+    return str(path)
+
+
 def run_train(args: Sequence[str]):
     """Run ``train.py`` in this process; return (trainer, module, datamodule, cfg)."""
     import train

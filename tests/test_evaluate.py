@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 import evaluate
@@ -20,6 +19,7 @@ from framework.seeding import sampling_generator
 from lightning_modules.cnn_vae import CNNVAE
 from lightning_modules.loop_detector import LoopDetector
 from lightning_modules.prior import generate_loops
+from tests.helpers import save_checkpoint
 from tests.test_prior import save_tiny_vqvae, tiny_prior
 
 TOP_K = "VQ-VAE+LSTM (top-k sampling=30)"
@@ -28,12 +28,6 @@ TEMPERATURE = "VQ-VAE+LSTM (temperature sampling=0.7)"
 # of the samples, the last one all of them.
 THRESHOLDS = "[null,1.0,0.245,0.24,0.001]"
 SMALL = ["n=12", "batch_size=12", "n_networks=2", "max_samples=20", "seed=4", "rejection.max_rounds=3"]
-
-
-def save_checkpoint(module: pl.LightningModule, path) -> str:
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

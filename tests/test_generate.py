@@ -6,20 +6,14 @@ import json
 import numpy as np
 import pretty_midi
 import pytest
-import pytorch_lightning as pl
 import torch
 
 import generate
 from callbacks.metrics import note_density, unique_pitch
 from datamodules.pianoroll import N_DRUM_CLASSES, midi_to_phrases, unpack_phrases
 from lightning_modules.loop_detector import LoopDetector
+from tests.helpers import save_checkpoint
 from tests.test_prior import save_tiny_vqvae, tiny_prior
-
-
-def save_checkpoint(module: pl.LightningModule, path) -> str:
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
