@@ -122,7 +122,10 @@ def normalize_eq(
 
     The channel's mean spectrum (:func:`mean_spectrum`) is measured once and the filter
     designed by :func:`design_eq`, then applied zero-phase. Silent stems and silent channels are
-    unchanged.
+    unchanged. A second pass changes a stem with a dense spectrum by about 1 % (what the filter
+    could not realise); the smoothed spectrum of a sparse harmonic stem ripples at the harmonic
+    spacing, the filter partly follows that ripple, and a second pass chases the ripple the first
+    one left (up to ~12 % relative RMS on the synthetic demo vocals).
     """
     audio = as_audio(audio)
     if is_silent(audio):
