@@ -4,7 +4,8 @@ Songs follow the MUSDB18-HQ layout: ``root/train/<song>/`` (split into train and
 seeded shuffle) and ``root/test/<song>/``, each with ``vocals bass drums other mixture`` WAVs.
 ``prepare_data`` builds the demo songs if ``root`` is the missing demo folder, fits the
 FxNormalizer on the training songs if no features file exists, and writes normalised stems to
-``cache/{train,test}/<song>/`` (float WAVs, one folder per song, atomic and resumable).
+``cache/{train,test}/<song>/`` (float WAVs, one folder per song, atomic and resumable; each
+split's ``fxnorm.json`` records the features and seed, and resuming with others is an error).
 A batch is ``(stems (B, 8, T), mixture (B, 2, T))`` float32: vocals, bass, drums, other x L/R.
 """
 from __future__ import annotations

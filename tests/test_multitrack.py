@@ -1,6 +1,7 @@
 """Multitrack demo data, the MultitrackDataModule and the fxnorm command line."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import soundfile as sf
 import torch
 
 from datamodules.demo_multitrack import write_multitrack_demo
+from datamodules.fxnorm import FxNormalizer, normalize_folder
 from datamodules.fxnorm.__main__ import main as fxnorm_main
 from datamodules.fxnorm.songs import MIXTURE, STEMS, list_songs, read_song, write_song
 from datamodules.multitrack import FixedSegments, MultitrackDataModule, RandomSegments, Song
@@ -127,5 +129,26 @@ def test_command_line_fit_and_normalize(demo, tmp_path):
     normalized, _ = read_song(tmp_path / "out" / "dry_000")
     assert set(normalized) == set(STEMS)
     mtime = (tmp_path / "out" / "dry_000" / "vocals.wav").stat().st_mtime_ns
-    fxnorm_main(["normalize", "--features", "musdb18", "--songs", str(demo / "dry"), "--out", str(tmp_path / "out")])
+    fxnorm_main(["normalize", "--features", str(tmp_path / "f.npz"), "--songs", str(demo / "dry"), "--out", str(tmp_path / "out"), "--inference"])
     assert (tmp_path / "out" / "dry_000" / "vocals.wav").stat().st_mtime_ns == mtime  # resumed, not redone
+
+
+def test_cache_refuses_stems_of_another_normalisation(demo, tmp_path):
+    """Resuming into a cache filled with other features, reverb mode or seed is an error naming
+    the folder and what changed, so a cache never mixes two normalisations."""
+    songs, out = demo / "dry", tmp_path / "out"
+    normalize_folder(FxNormalizer.musdb18_reference(), songs, out, inference=True, progress=False)
+    assert json.loads((out / "fxnorm.json").read_text())["features"] == FxNormalizer.musdb18_reference().fingerprint()
+    assert normalize_folder(FxNormalizer.musdb18_reference(), songs, out, inference=True, progress=False) == 0
+    other = FxNormalizer.musdb18_reference()
+    other.loudness_target["vocals"] -= 1.0
+    for normalizer, inference, seed, changed in (
+        (other, True, 0, "features"),
+        (FxNormalizer.musdb18_reference(), False, 0, "inference"),
+        (FxNormalizer.musdb18_reference(), True, 1, "seed"),
+    ):
+        with pytest.raises(ValueError, match=rf"{out}.*{changed} changed"):
+            normalize_folder(normalizer, songs, out, inference=inference, seed=seed, progress=False)
+    (out / "fxnorm.json").unlink()
+    with pytest.raises(ValueError, match="no fxnorm.json"):
+        normalize_folder(FxNormalizer.musdb18_reference(), songs, out, inference=True, progress=False)

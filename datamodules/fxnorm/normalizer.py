@@ -1,6 +1,7 @@
 """FxNormalizer: fit per-stem-type effect references on a training set and normalise songs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -168,6 +169,15 @@ class FxNormalizer:
             for kind, audio in stems.items()
         }
 
+    def fingerprint(self) -> str:
+        """A digest of the sample rate and every reference: equal when two normalizers act alike."""
+        digest = hashlib.sha256(json.dumps([self.sr, self.panning_reference_scale]).encode())
+        for kind in STEMS:
+            for value in (self.eq_reference[kind], self.drc_reference[kind], self.panning_reference[kind], self.loudness_target[kind]):
+                array = np.asarray(np.nan if value is None else value, dtype=np.float64)
+                digest.update(repr(array.shape).encode() + array.tobytes())
+        return digest.hexdigest()
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the references to one ``.npz`` file (atomically)."""
@@ -223,6 +233,30 @@ def _measure(stage: str, audio: np.ndarray, sr: int):
         return panning.mean_similarity(audio)
     return loudness.integrated_loudness(audio, sr)
 
+CACHE_RECORD = "fxnorm.json"
+
+
+def claim_cache(out_root: Path, settings: Mapping[str, object]) -> None:
+    """Record in ``out_root`` which normalisation fills it; refuse a folder filled by another one."""
+    record = out_root / CACHE_RECORD
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != dict(settings):
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out_root} holds stems normalised with different settings ({', '.join(changed)} changed); "
+                "delete it, or choose another cache folder"
+            )
+        return
+    if out_root.is_dir() and list_songs(out_root):
+        raise ValueError(
+            f"{out_root} holds songs but no {CACHE_RECORD}, so how they were normalised is unknown; "
+            "delete it, or choose another cache folder"
+        )
+    out_root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(record) as tmp:
+        Path(tmp).write_text(json.dumps(dict(settings), indent=1))
+
 
 def normalize_folder(
     normalizer: FxNormalizer,
@@ -236,9 +270,12 @@ def normalize_folder(
 
     Resumable: songs whose output folder exists are skipped, and each folder is written
     atomically. A ``mixture.wav`` is copied unchanged. Reverb is seeded per song name, so a
-    re-run produces the same files.
+    re-run produces the same files. ``out_root/fxnorm.json`` records the normalizer's
+    fingerprint and the settings; resuming with different ones is an error rather than a cache
+    that silently mixes two normalisations.
     """
     out_root = Path(out_root)
+    claim_cache(out_root, {"features": normalizer.fingerprint(), "inference": bool(inference), "seed": int(seed)})
     written = 0
     for folder in tqdm(list_songs(songs_root), desc=f"normalize {Path(songs_root).name}", unit="song", disable=not progress):
         target = out_root / folder.name
@@ -253,3 +290,4 @@ def normalize_folder(
         write_song(target, output, sr)
         written += 1
     return written
+
