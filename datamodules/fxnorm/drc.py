@@ -12,11 +12,11 @@ changes levels, not onset times, so candidate settings are scored on the same se
 
 The stage is one-shot, not idempotent, for the stems it compresses. The search scores candidates
 at the *uncompressed* stem's measuring level, as the method prescribes (hence "no make-up gain").
-But compression lowers the stem's peak along with its onset peaks, so the compressed stem,
-re-measured relative to its own peak, typically still lies above ref + std, and a second normalisation
+Compression lowers the stem's peak along with its onset peaks, so the compressed stem, measured
+again relative to its own peak, typically still lies above ref + std, and a second normalisation
 compresses it further. Scoring relative to the compressed peak instead would pick far stronger
-settings than the method's, and for some stems no setting of the grid reaches the band. A stem the
-stage leaves alone stays untouched on every later pass.
+settings than the method's, and for some stems not even the strongest one reaches the band. A
+stem the stage leaves alone stays untouched on every later pass.
 
 The compressor's sample loop is compiled with numba (a librosa dependency, so always present):
 its attack/release switch depends on the previous output, which no vectorised filter can express.

@@ -173,7 +173,8 @@ class FxNormalizer:
         """A digest of the sample rate and every reference: equal when two normalizers act alike."""
         digest = hashlib.sha256(json.dumps([self.sr, self.panning_reference_scale]).encode())
         for kind in STEMS:
-            for value in (self.eq_reference[kind], self.drc_reference[kind], self.panning_reference[kind], self.loudness_target[kind]):
+            references = (self.eq_reference, self.drc_reference, self.panning_reference, self.loudness_target)
+            for value in (table[kind] for table in references):
                 array = np.asarray(np.nan if value is None else value, dtype=np.float64)
                 digest.update(repr(array.shape).encode() + array.tobytes())
         return digest.hexdigest()
@@ -233,6 +234,7 @@ def _measure(stage: str, audio: np.ndarray, sr: int):
         return panning.mean_similarity(audio)
     return loudness.integrated_loudness(audio, sr)
 
+
 CACHE_RECORD = "fxnorm.json"
 
 
@@ -290,4 +292,3 @@ def normalize_folder(
         write_song(target, output, sr)
         written += 1
     return written
-
