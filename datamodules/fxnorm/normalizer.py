@@ -238,7 +238,7 @@ def _measure(stage: str, audio: np.ndarray, sr: int):
 CACHE_RECORD = "fxnorm.json"
 
 
-def claim_cache(out_root: Path, settings: Mapping[str, object]) -> None:
+def _claim_cache(out_root: Path, settings: Mapping[str, object]) -> None:
     """Record in ``out_root`` which normalisation fills it; refuse a folder filled by another one."""
     record = out_root / CACHE_RECORD
     if record.is_file():
@@ -277,7 +277,7 @@ def normalize_folder(
     that silently mixes two normalisations.
     """
     out_root = Path(out_root)
-    claim_cache(out_root, {"features": normalizer.fingerprint(), "inference": bool(inference), "seed": int(seed)})
+    _claim_cache(out_root, {"features": normalizer.fingerprint(), "inference": bool(inference), "seed": int(seed)})
     written = 0
     for folder in tqdm(list_songs(songs_root), desc=f"normalize {Path(songs_root).name}", unit="song", disable=not progress):
         target = out_root / folder.name
