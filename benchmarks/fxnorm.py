@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from datamodules.demo_multitrack import process_stem, synthesize_song  # noqa: E402
+from datamodules.demo.multitrack import process_stem, synthesize_song  # noqa: E402
 from datamodules.fxnorm import STAGES, FxNormalizer, exhaustive_compressor_search, search_compressor  # noqa: E402
 from datamodules.fxnorm.drc import ATTACK_RELEASE_MS, RATIO_START, onset_peak_stats, peak_normalize  # noqa: E402
 

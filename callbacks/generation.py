@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from callbacks.media import log_media, pianoroll_grid, write_previews
 from callbacks.metrics import GenerativeMetrics, LoopScore, NoteDensity, UniquePitch
 from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS
-from datamodules.synth import DEFAULT_SR
+from datamodules.pianoroll.synth import DEFAULT_SR
 from framework.io import atomic_path
 from framework.seeding import sampling_generator
 from lightning_modules.loop_detector import LoopDetector

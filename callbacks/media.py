@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 
 from datamodules.pianoroll import N_COLUMNS, N_DRUM_CLASSES, STEPS_PER_BAR, phrases_to_midi  # noqa: E402
-from datamodules.synth import DEFAULT_SR, render_phrases  # noqa: E402
+from datamodules.pianoroll.synth import DEFAULT_SR, render_phrases  # noqa: E402
 from framework.io import atomic_path  # noqa: E402
 
 # Cell colours: 0 empty, 1 drum hit, 2 bass note.

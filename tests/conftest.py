@@ -70,7 +70,7 @@ def code_cache(phrase_cache, demo_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def multitrack_root(tmp_path_factory):
     """A tiny MUSDB18-layout set (4 wet songs of a few seconds, 1 dry song) outside any demo folder."""
-    from datamodules.demo_multitrack import write_multitrack_demo
+    from datamodules.demo.multitrack import write_multitrack_demo
 
     root = tmp_path_factory.mktemp("multitrack")
     write_multitrack_demo(root, seed=0, n_train=3, n_test=1, n_dry=1, seconds=(3.0, 4.0))

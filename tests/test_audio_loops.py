@@ -9,7 +9,7 @@ import torch
 from datamodules import audio_loops, demo
 from datamodules.audio_loops import AudioLoopDataModule, load_or_compute, split_indices
 from datamodules.correlation import c_wav
-from datamodules.synth import render_phrases
+from datamodules.pianoroll.synth import render_phrases
 
 SR = 8000
 
@@ -132,7 +132,7 @@ def test_no_usable_loop_fails_naming_the_folder(tmp_path):
 
 def test_missing_demo_loops_are_created(tmp_path, monkeypatch):
     build_loops = demo.build_loops
-    monkeypatch.setattr(demo, "build_loops", lambda stage, seed, **_: build_loops(stage, seed, n_loops=3))
+    monkeypatch.setattr(demo.parts, "build_loops", lambda stage, seed, **_: build_loops(stage, seed, n_loops=3))
     module = AudioLoopDataModule(str(tmp_path / "demo" / "loops"), batch_size=2, demo_root=str(tmp_path / "demo"))
     module.prepare_data()
     module.setup("fit")

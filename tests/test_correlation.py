@@ -8,18 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.correlation import (
-    _pair_counts_numpy,
-    _pair_counts_torch,
-    bar_mel_spectra,
-    bar_segments,
-    c_midi,
-    c_midi_packed,
-    c_wav,
-    pearson_upper,
-)
+from datamodules.correlation import bar_mel_spectra, bar_segments, c_midi, c_midi_packed, c_wav, pearson_upper
+from datamodules.correlation.midi import _pair_counts_numpy, _pair_counts_torch
 from datamodules.pianoroll import pack_phrases
-from datamodules.synth import render_phrases
+from datamodules.pianoroll.synth import render_phrases
 
 SR = 8000
 PAIRS = list(itertools.combinations(range(8), 2))

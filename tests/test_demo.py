@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from datamodules import demo
-from datamodules.synth import render_phrases
+from datamodules.pianoroll.synth import render_phrases
 
 
 def all_files(root: Path) -> dict[str, bytes]:
@@ -22,8 +22,8 @@ def all_files(root: Path) -> dict[str, bytes]:
 def small_builders(monkeypatch, n_songs: int = 6, n_loops: int = 4) -> None:
     """Make ``ensure_demo_data`` build a tiny demo (it always asks for the default sizes)."""
     build_midi, build_loops = demo.build_midi, demo.build_loops
-    monkeypatch.setattr(demo, "build_midi", lambda stage, seed, **_: build_midi(stage, seed, n_songs=n_songs))
-    monkeypatch.setattr(demo, "build_loops", lambda stage, seed, **_: build_loops(stage, seed, n_loops=n_loops))
+    monkeypatch.setattr(demo.parts, "build_midi", lambda stage, seed, **_: build_midi(stage, seed, n_songs=n_songs))
+    monkeypatch.setattr(demo.parts, "build_loops", lambda stage, seed, **_: build_loops(stage, seed, n_loops=n_loops))
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
@@ -132,8 +132,8 @@ def test_ensure_demo_data_builds_once(tmp_path, monkeypatch):
     def fail(*_):
         raise AssertionError("a complete part was rebuilt")
 
-    monkeypatch.setattr(demo, "build_midi", fail)
-    monkeypatch.setattr(demo, "build_loops", fail)
+    monkeypatch.setattr(demo.parts, "build_midi", fail)
+    monkeypatch.setattr(demo.parts, "build_loops", fail)
     demo.ensure_demo_data(root, parts=("midi", "loops"))
     assert all_files(root) == before
 
@@ -144,7 +144,7 @@ def test_a_failing_part_leaves_no_part_behind(tmp_path, monkeypatch):
         (stage / "loops" / "half.wav").write_bytes(b"RIFF")
         raise RuntimeError("killed mid-build")
 
-    monkeypatch.setattr(demo, "build_loops", broken)
+    monkeypatch.setattr(demo.parts, "build_loops", broken)
     root = tmp_path / "demo"
     with pytest.raises(RuntimeError, match="killed"):
         demo.ensure_demo_data(root, parts=("loops",))
@@ -157,13 +157,13 @@ def test_multitrack_part_moves_both_folders_into_place(tmp_path, monkeypatch):
             (Path(part_dir) / folder).mkdir(parents=True)
             sf.write(Path(part_dir) / folder / "bass.wav", np.zeros(10), 8000)
 
-    monkeypatch.setitem(sys.modules, "datamodules.demo_multitrack",
+    monkeypatch.setitem(sys.modules, "datamodules.demo.multitrack",
                         types.SimpleNamespace(write_multitrack_demo=write_multitrack_demo))
     root = demo.make_demo(tmp_path / "demo", parts=("multitrack",))
     assert (root / "multitrack/train/song_a/bass.wav").exists() and (root / "dry/song_a/bass.wav").exists()
     assert demo.part_is_complete(root, "multitrack")
 
-    monkeypatch.setitem(sys.modules, "datamodules.demo_multitrack",
+    monkeypatch.setitem(sys.modules, "datamodules.demo.multitrack",
                         types.SimpleNamespace(write_multitrack_demo=lambda part_dir, seed: None))
     with pytest.raises(RuntimeError, match="did not produce"):
         demo.make_demo(tmp_path / "other", parts=("multitrack",))

@@ -8,7 +8,7 @@ import pyloudnorm
 import pytest
 import scipy.signal
 
-from datamodules.demo_multitrack import process_stem, synthesize_song
+from datamodules.demo.multitrack import process_stem, synthesize_song
 from datamodules.fxnorm import (
     STEMS,
     FxNormalizer,

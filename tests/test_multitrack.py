@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from datamodules.demo_multitrack import write_multitrack_demo
+from datamodules.demo.multitrack import write_multitrack_demo
 from datamodules.fxnorm import FxNormalizer, normalize_folder
 from datamodules.fxnorm.__main__ import main as fxnorm_main
 from datamodules.fxnorm.songs import MIXTURE, STEMS, list_songs, read_song, write_song

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from datamodules import pianoroll
+from datamodules.pianoroll import ingestion
 from datamodules.pianoroll import (
     ingest,
     load_phrase_cache,
@@ -101,7 +102,7 @@ def test_rerun_rewrites_only_missing_shards(midi_folder, tmp_path):
 def test_interrupted_run_leaves_whole_shards_and_resumes(midi_folder, tmp_path, monkeypatch):
     root, _ = midi_folder
     reference = load_phrase_cache(_ingested(root, tmp_path / "reference"))
-    original = pianoroll._write_shard
+    original = ingestion.write_shard
     calls = []
 
     def failing_write(path, *args):
@@ -110,10 +111,10 @@ def test_interrupted_run_leaves_whole_shards_and_resumes(midi_folder, tmp_path, 
             raise KeyboardInterrupt
         original(path, *args)
 
-    monkeypatch.setattr(pianoroll, "_write_shard", failing_write)
+    monkeypatch.setattr(ingestion, "write_shard", failing_write)
     with pytest.raises(KeyboardInterrupt):
         ingest(root, tmp_path / "cache", chunk_size=5, progress=False)
-    monkeypatch.setattr(pianoroll, "_write_shard", original)
+    monkeypatch.setattr(ingestion, "write_shard", original)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shard-000000.npz", "shard-000001.npz"]
 
     ingest(root, tmp_path / "cache", chunk_size=5, progress=False)
