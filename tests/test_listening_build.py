@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pyloudnorm
@@ -279,3 +280,30 @@ def test_mixing_build_errors(mix_inputs, tmp_path):
     for args, message in cases:
         code, _, stderr = run_listening_test("build", "kind=mixing", *args, f"out={tmp_path / 'kit'}")
         assert code == 2 and message in stderr, (args, stderr)
+
+
+def test_demo_takes_each_trained_generators_best_checkpoint(tmp_path):
+    for step, names in {"cnn_vae": ["last.ckpt", "epoch=003-step=0000040.ckpt"], "musegan": ["last.ckpt"],
+                        "music_transformer": []}.items():
+        (tmp_path / step / "checkpoints").mkdir(parents=True)
+        for name in names:
+            (tmp_path / step / "checkpoints" / name).touch()
+    assert listening_test.demo_loop_systems(tmp_path) == {
+        "Training set": str(tmp_path / "loops"), "VQ-VAE+LSTM": str(tmp_path / "generated"),
+        "CNN-VAE": str(tmp_path / "cnn_vae" / "checkpoints" / "epoch=003-step=0000040.ckpt"),
+        "MuseGAN": str(tmp_path / "musegan" / "checkpoints" / "last.ckpt"),
+    }
+
+
+def test_demo_builds_both_tests_from_the_newest_runs_or_names_what_to_run_first(loop_inputs, mix_inputs, tmp_path):
+    runs, kits = tmp_path / "runs", tmp_path / "kits"
+    code, _, stderr = run_listening_test("demo", f"runs={runs}", f"out={kits}")
+    assert code == 1 and "run `make demo` first" in stderr and "python evaluate_mix.py" in stderr
+    run = runs / "pipeline" / "2026-01-01_00-00-00"
+    shutil.copytree(loop_inputs / "loops", run / "loops")
+    shutil.copytree(loop_inputs / "generated", run / "generated")
+    shutil.copytree(mix_inputs / "evaluation" / "mixes", runs / "mixer_evaluation" / "mixes")
+    code, stdout, stderr = run_listening_test("demo", f"runs={runs}", f"stems={mix_inputs / 'stems'}", f"out={kits}")
+    assert code == 0, stderr
+    assert (kits / "loops" / "index.html").as_uri() in stdout and (kits / "mixing" / "index.html").as_uri() in stdout
+    assert len(kit_test(kits / "loops")["stimuli"]) == 20 and len(kit_test(kits / "mixing")["songs"]) == 1

@@ -433,7 +433,7 @@
       if (!draft.unlocked && loop.listened() >= TEST.min_listen_seconds) unlock();
     }, 200);
     if (draft.unlocked || TEST.min_listen_seconds <= 0) unlock();
-    if (context && context.state !== "closed") toggle();  // autoplay once a click has started audio
+    if (navigator.userActivation.hasBeenActive) toggle();  // autoplay, unless no click has allowed audio yet
   }
 
   async function mixingPageView() {
