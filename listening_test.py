@@ -107,10 +107,9 @@ def demo(argv: Sequence[str]) -> dict:
     """Both tests from the newest demo runs; the commands to run first for any that is missing."""
     cfg = section_config(["demo"], argv)
     runs, out = Path(cfg.runs), Path(cfg.out)
-    pipeline_runs = [p.parent.parent for p in runs.glob("pipeline/*/generated/phrases.npz")
-                     if (p.parent.parent / "loops" / "report.json").is_file()]
-    loop_run = newest(pipeline_runs)
-    mix_output = newest(p.parent.parent for p in runs.rglob("mixes/target") if any(p.glob("*.wav"))) if runs.is_dir() else None
+    loop_run = newest(p.parent.parent for p in runs.glob("pipeline/*/generated/phrases.npz")
+                      if (p.parent.parent / "loops" / "report.json").is_file())
+    mix_output = newest(p.parent.parent for p in runs.glob("**/mixes/target") if any(p.glob("*.wav")))
     built, missing = {}, {}
     if loop_run is None:
         missing["loops"] = f"no pipeline.py run with loops/ and generated/ under {runs}/pipeline: run `make demo` first"
@@ -129,11 +128,13 @@ def demo(argv: Sequence[str]) -> dict:
     return {"built": built, "missing": missing}
 
 
+COMMANDS = {"build": build, "analyse": analyse_answers, "demo": demo}
+
+
 def run(argv: Sequence[str]) -> tuple[str, dict]:
-    if not argv or argv[0] not in ("build", "analyse", "demo"):
+    if not argv or argv[0] not in COMMANDS:
         raise ConfigError(USAGE)
-    command = {"build": build, "analyse": analyse_answers, "demo": demo}[argv[0]]
-    return argv[0], command(argv[1:])
+    return argv[0], COMMANDS[argv[0]](argv[1:])
 
 
 def open_hint(summary: dict) -> str:

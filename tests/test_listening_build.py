@@ -178,7 +178,16 @@ def test_loop_build_errors_name_the_system_and_the_key(loop_inputs, tmp_path):
     root = loop_inputs
     plain = tmp_path / "plain.ckpt"
     save_checkpoint(CNNVAE(channels=8, latent_dim=16), plain)
+    broken = tmp_path / "broken_cache"
+    shutil.copytree(root / "loops", broken)
+    next(broken.glob("shard-*.npz")).write_bytes(b"truncated")
+    (tmp_path / "broken.npz").write_bytes(b"PK")
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     cases = [
+        (["systems={A: %s}" % broken], f"phrase cache {broken} cannot be read"),
+        (["systems={A: %s}" % (tmp_path / "broken.npz")], "holds no readable `packed` phrases"),
+        (["systems={A: %s}" % (tmp_path / "broken.ckpt")], "cannot be read as a checkpoint"),
+        (["systems=[%s]" % (root / "loops")], "systems=... is required: a mapping"),
         (["systems={Gen: %s}" % (root / "generated"), "samples=13", "familiarisation=0"],
          "systems.Gen: only 12 audible loops of 24 drawn (12 silent), 13 needed"),
         (["systems={A: %s}" % plain], "records no model class"),

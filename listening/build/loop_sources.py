@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,14 +80,17 @@ class PhraseCacheFolder:
         self.shards = [self.path / name for name in json.loads((self.path / REPORT_NAME).read_text())["shards"]]
 
     def draw(self, n: int, seed: int) -> np.ndarray:
-        starts = np.cumsum([0] + [packed_rows(shard) for shard in self.shards])
-        chosen = draw_indices(starts[-1], n, seed)
-        shard_of = np.searchsorted(starts, chosen, side="right") - 1
-        packed = np.zeros((len(chosen), PACKED_BYTES), dtype=np.uint8)
-        for shard in np.unique(shard_of):
-            rows = np.flatnonzero(shard_of == shard)
-            with np.load(self.shards[shard]) as arrays:
-                packed[rows] = arrays["packed"][chosen[rows] - starts[shard]]
+        try:
+            starts = np.cumsum([0] + [packed_rows(shard) for shard in self.shards])
+            chosen = draw_indices(starts[-1], n, seed)
+            shard_of = np.searchsorted(starts, chosen, side="right") - 1
+            packed = np.zeros((len(chosen), PACKED_BYTES), dtype=np.uint8)
+            for shard in np.unique(shard_of):
+                rows = np.flatnonzero(shard_of == shard)
+                with np.load(self.shards[shard]) as arrays:
+                    packed[rows] = arrays["packed"][chosen[rows] - starts[shard]]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"phrase cache {self.path} cannot be read: {err}") from err
         return unpack(packed)
 
 
@@ -126,7 +130,10 @@ def import_class(name: str, where: str) -> type:
 
 def recorded_class(path: Path, where: str) -> str:
     """The ``model._target_`` a ``train.py`` run stored in the checkpoint's config."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{where}: {path} cannot be read as a checkpoint: {err}") from err
     target = ((checkpoint.get("config") or {}).get("model") or {}).get("_target_")
     if not target:
         raise ConfigError(f"{where}: {path} records no model class (config.model._target_); "
@@ -153,9 +160,10 @@ def resolve_source(name: str, spec: Any, device: str = "cpu") -> PhraseSource:
         return PhraseCacheFolder(path)
     npz = path / "phrases.npz" if path.is_dir() else path
     if npz.is_file() and npz.suffix == ".npz":
-        with np.load(npz) as arrays:
-            if "packed" not in arrays:
-                raise ConfigError(f"{where}: {npz} holds no `packed` phrases")
-            return PackedPhrases(arrays["packed"], f"generated phrases {npz}")
+        try:
+            with np.load(npz) as arrays:
+                return PackedPhrases(arrays["packed"], f"generated phrases {npz}")
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"{where}: {npz} holds no readable `packed` phrases: {err}") from err
     raise ConfigError(f"{where}={path}: not a phrase cache folder (no {REPORT_NAME}), a generate.py output "
                       "(no phrases.npz) or a .ckpt file")

@@ -68,8 +68,9 @@ def loop_seconds(tempo: float) -> float:
 
 
 def check_config(cfg: DictConfig) -> None:
-    if not cfg.systems:
-        raise ConfigError("systems=... is required: a mapping {name: phrase cache | generate.py output | checkpoint}")
+    if not isinstance(cfg.systems, DictConfig) or not cfg.systems:
+        raise ConfigError("systems=... is required: a mapping {name: phrase cache | generate.py output | checkpoint}, "
+                          f"got {cfg.systems!r}")
     if cfg.samples < 1 or cfg.familiarisation < 0:
         raise ConfigError(f"samples={cfg.samples} must be at least 1 and familiarisation={cfg.familiarisation} "
                           "at least 0")
