@@ -27,6 +27,7 @@ import soundfile as sf
 import soxr
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.fxnorm.audio import peak
 from datamodules.fxnorm.songs import STEMS
 from framework.config import ConfigError
 from listening.build.audio import fade_edges, match_loudness, measure
@@ -122,7 +123,7 @@ def loudest_start(path: Path, seconds: float) -> float:
 
 
 def plan_song(name: str, systems: Sequence[str], root: Path, stems_root: Path, cfg: DictConfig) -> SongPlan:
-    """The song's excerpt and sources, every clip read once to measure it; raises SkipSong."""
+    """The song's excerpt and sources, every file's excerpt read once to measure it; raises SkipSong."""
     mixes = {system: root / system / f"{name}.wav" for system in systems}
     stems = {stem: stems_root / name / f"{stem}.wav" for stem in STEMS}
     missing = [str(path) for path in [*mixes.values(), *stems.values()] if not path.is_file()]
@@ -139,20 +140,19 @@ def plan_song(name: str, systems: Sequence[str], root: Path, stems_root: Path, c
     if cfg.anchor:
         plan.sources[cfg.anchor] = tuple(stems.values())
     plan.sources.update({f"stem:{stem}": (path,) for stem, path in stems.items()})
-    stem_sum = np.zeros(0)
-    stem_peak = 0.0
-    for key in plan.sources:
-        audio = clip_audio(plan, key, cfg.sample_rate, cfg.fade_seconds)
-        if key.startswith("stem:"):
-            stem_sum = audio if not stem_sum.size else stem_sum + audio
-            stem_peak = max(stem_peak, measure(audio, cfg.sample_rate)[1])
-            continue
-        plan.loudness[key], plan.peaks[key] = measure(audio, cfg.sample_rate)
-        if not np.isfinite(plan.loudness[key]):
-            raise SkipSong(f"the {key} mix is silent from {start:.1f} s to {start + seconds:.1f} s")
-    plan.loudness["stems"], plan.peaks["stems"] = measure(stem_sum, cfg.sample_rate)[0], stem_peak
+    sr, window = cfg.sample_rate, f"from {start:.1f} s to {start + seconds:.1f} s"
+    stems_audio = [clip_audio(plan, key, sr, cfg.fade_seconds) for key in plan.stems]
+    stem_sum = sum(stems_audio)
+    plan.loudness["stems"] = measure(stem_sum, sr)[0]
+    plan.peaks["stems"] = max(peak(audio) for audio in stems_audio)
     if not np.isfinite(plan.loudness["stems"]):
-        raise SkipSong(f"the stems are silent from {start:.1f} s to {start + seconds:.1f} s")
+        raise SkipSong(f"the stems are silent {window}")
+    for key in plan.mixes:
+        # the anchor is the stems' plain sum: the clip just measured
+        audio = stem_sum if key == cfg.anchor else clip_audio(plan, key, sr, cfg.fade_seconds)
+        plan.loudness[key], plan.peaks[key] = measure(audio, sr)
+        if not np.isfinite(plan.loudness[key]):
+            raise SkipSong(f"the {key} mix is silent {window}")
     return plan
 
 
