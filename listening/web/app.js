@@ -138,6 +138,11 @@
     return context;
   }
 
+  /** Whether the page has been clicked since it loaded, which lets it start audio on its own. */
+  function hadClick() {
+    return navigator.userActivation ? navigator.userActivation.hasBeenActive : context !== null;
+  }
+
   function loadScript(src) {
     return new Promise((resolve, reject) => {
       const script = document.createElement("script");
@@ -383,9 +388,9 @@
     const next = el("button", {class: "primary", id: "next", disabled: true},
                     state.position + 1 < total ? "Next" : "Finish");
     const radios = TEST.scale.map(([value]) => el("input", {type: "radio", name: "rating", value: String(value),
-                                                                     disabled: true}));
+                                                            disabled: true}));
     const labels = TEST.scale.map(([value, label], i) => el("label", {class: "disabled"}, radios[i],
-                                                                el("strong", {}, String(value)), el("span", {}, label)));
+                                                            el("strong", {}, String(value)), el("span", {}, label)));
     const canGoOn = () => draft.unlocked && draft.scores[stimulus.id] !== undefined;
     radios.forEach((radio) => {
       radio.checked = String(draft.scores[stimulus.id]) === radio.value;
@@ -433,7 +438,7 @@
       if (!draft.unlocked && loop.listened() >= TEST.min_listen_seconds) unlock();
     }, 200);
     if (draft.unlocked || TEST.min_listen_seconds <= 0) unlock();
-    if (navigator.userActivation.hasBeenActive) toggle();  // autoplay, unless no click has allowed audio yet
+    if (hadClick()) toggle();  // autoplay, unless no click has allowed audio yet (after a reload)
   }
 
   async function mixingPageView() {
