@@ -119,8 +119,8 @@ def demo(argv: Sequence[str]) -> dict:
         cfg_loops.systems = demo_loop_systems(loop_run)
         built["loops"] = build_kit("loops", cfg_loops)
     if mix_output is None:
-        missing["mixing"] = (f"no evaluate_mix.py output (a folder with mixes/target/*.wav) under {runs}: evaluate a "
-                             "trained mixer on the demo's test songs first (python evaluate_mix.py ... out=DIR)")
+        missing["mixing"] = (f"no evaluate_mix.py output (a folder with mixes/target/*.wav) under {runs}: run "
+                             "`make demo-mixing` (its evaluate_mix step) or `python evaluate_mix.py ... out=DIR` first")
     else:
         print(f"mixing test from {mix_output}")
         built["mixing"] = build_kit("mixing", build_config("mixing", [

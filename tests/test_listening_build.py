@@ -307,7 +307,7 @@ def test_demo_takes_each_trained_generators_best_checkpoint(tmp_path):
 def test_demo_builds_both_tests_from_the_newest_runs_or_names_what_to_run_first(loop_inputs, mix_inputs, tmp_path):
     runs, kits = tmp_path / "runs", tmp_path / "kits"
     code, _, stderr = run_listening_test("demo", f"runs={runs}", f"out={kits}")
-    assert code == 1 and "run `make demo` first" in stderr and "python evaluate_mix.py" in stderr
+    assert code == 1 and "run `make demo` first" in stderr and "`make demo-mixing`" in stderr
     run = runs / "pipeline" / "2026-01-01_00-00-00"
     shutil.copytree(loop_inputs / "loops", run / "loops")
     shutil.copytree(loop_inputs / "generated", run / "generated")

@@ -35,7 +35,7 @@ class SystemLoops:
     audio: list[np.ndarray] = field(default_factory=list)
     loudness: list[float] = field(default_factory=list)
     peaks: list[float] = field(default_factory=list)
-    drawn: int = 0
+    drawn: int = 0  # candidates drawn from the source; the first audible ones are used
     silent: int = 0
 
 
@@ -122,7 +122,7 @@ def build_loop_test(cfg: DictConfig) -> dict:
                     for clip_id, (name, _) in zip(ids[cfg.familiarisation:], rated)],
     }
     provenance = {
-        "systems": {name: {"source": loops.source, "drawn": loops.drawn, "silent_skipped": loops.silent}
+        "systems": {name: {"source": loops.source, "candidates": loops.drawn, "silent_skipped": loops.silent}
                     for name, loops in rendered.items()},
         "familiarisation_from": familiar,
         "tempo": cfg.tempo, "seed": cfg.seed,
