@@ -174,17 +174,32 @@ def test_loop_kit_has_every_system_loudness_matched_and_familiarisation_apart(lo
     assert code == 0 and kit_test(tmp_path / "again")["id"] == test["id"]
 
 
-def test_loop_build_errors_name_the_system_and_the_key(loop_inputs, tmp_path):
+def test_loop_build_errors_name_the_system_and_the_key(loop_inputs, tmp_path, monkeypatch):
     root = loop_inputs
     plain = tmp_path / "plain.ckpt"
     save_checkpoint(CNNVAE(channels=8, latent_dim=16), plain)
     broken = tmp_path / "broken_cache"
     shutil.copytree(root / "loops", broken)
     next(broken.glob("shard-*.npz")).write_bytes(b"truncated")
+    no_report, no_shards = tmp_path / "no_report", tmp_path / "no_shards"
+    for folder, report in ((no_report, "{truncated"), (no_shards, "{}")):
+        folder.mkdir()
+        (folder / "report.json").write_text(report)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "broken.npz").write_bytes(b"PK")
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     cases = [
         (["systems={A: %s}" % broken], f"phrase cache {broken} cannot be read"),
+        (["systems={A: %s}" % no_report], f"phrase cache {no_report}: report.json cannot be read"),
+        (["systems={A: %s}" % no_shards], f"phrase cache {no_shards}: report.json lists no shards"),
+        (["systems={A: {path: %s, class: lightning_modules.prior.LSTMPrior}}" % plain],
+         f"systems.A: {plain} cannot be loaded as lightning_modules.prior.LSTMPrior"),
+        (["systems={A: {path: %s, sampling: {temperature: 2}}}" % (root / "cnn_vae.ckpt")],
+         "systems.A: sampling: unknown keys ['temperature']; CNNVAE.sample takes none"),
+        (["systems={A: {path: %s, class: lightning_modules.prior.LSTMPrior, sampling: {mode: greedy}}}"
+          % (root / "prior.ckpt")], "systems.A: sampling {'mode': 'greedy'}: "),
+        (["systems={A: %s}" % (root / "cnn_vae.ckpt"), "device=cuda"], "device=cuda but CUDA is not available"),
+        (["systems={A: %s}" % (root / "loops"), "device=gpu0"], "device=gpu0 is not a torch device"),
         (["systems={A: %s}" % (tmp_path / "broken.npz")], "holds no readable `packed` phrases"),
         (["systems={A: %s}" % (tmp_path / "broken.ckpt")], "cannot be read as a checkpoint"),
         (["systems=[%s]" % (root / "loops")], "systems=... is required: a mapping"),

@@ -15,6 +15,7 @@ A system is given by a path, or by a mapping ``{path: ..., class: ..., sampling:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pickle
 import zipfile
@@ -77,7 +78,14 @@ class PhraseCacheFolder:
 
     def __post_init__(self):
         self.description = self.description or f"phrase cache {self.path}"
-        self.shards = [self.path / name for name in json.loads((self.path / REPORT_NAME).read_text())["shards"]]
+        try:
+            report = json.loads((self.path / REPORT_NAME).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ConfigError(f"phrase cache {self.path}: {REPORT_NAME} cannot be read: {err}") from err
+        shards = report.get("shards") if isinstance(report, dict) else None
+        if not isinstance(shards, list):
+            raise ConfigError(f"phrase cache {self.path}: {REPORT_NAME} lists no shards")
+        self.shards = [self.path / str(name) for name in shards]
 
     def draw(self, n: int, seed: int) -> np.ndarray:
         try:
@@ -102,6 +110,7 @@ class GeneratorCheckpoint:
     module_class: type
     sampling: dict = field(default_factory=dict)
     device: str = "cpu"
+    where: str = "systems"  # the config key naming this source, for error messages
 
     @property
     def description(self) -> str:
@@ -110,10 +119,18 @@ class GeneratorCheckpoint:
 
     def draw(self, n: int, seed: int) -> np.ndarray:
         device = torch.device(self.device)
-        module = self.module_class.load_from_checkpoint(self.path, map_location=device).eval()
+        class_name = f"{self.module_class.__module__}.{self.module_class.__qualname__}"
+        try:
+            module = self.module_class.load_from_checkpoint(self.path, map_location=device).eval()
+        except (RuntimeError, TypeError, KeyError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{self.where}: {self.path} cannot be loaded as {class_name}: {reason}") from err
         generator = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            phrases = module.sample(n, generator, **self.sampling)
+        try:
+            with torch.no_grad():
+                phrases = module.sample(n, generator, **self.sampling)
+        except ValueError as err:  # a sampling value the module rejects (mode, top_k, ...)
+            raise ConfigError(f"{self.where}: sampling {self.sampling}: {err}") from err
         return phrases.bool().cpu().numpy()
 
 
@@ -126,6 +143,18 @@ def import_class(name: str, where: str) -> type:
     if not (hasattr(found, "sample") and hasattr(found, "load_from_checkpoint")):
         raise ConfigError(f"{where}: {name} has no sample(n, generator) and load_from_checkpoint")
     return found
+
+
+def check_sampling(module_class: type, sampling: Mapping[str, Any], where: str) -> None:
+    """``sampling``'s keys must be keyword arguments of ``module_class.sample`` beyond ``n`` and ``generator``."""
+    parameters = dict(inspect.signature(module_class.sample).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = [name for name in parameters if name not in ("self", "n", "generator")]
+    unknown = sorted(set(sampling) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: sampling: unknown keys {unknown}; {module_class.__name__}.sample takes "
+                          f"{', '.join(valid) or 'none'}")
 
 
 def recorded_class(path: Path, where: str) -> str:
@@ -155,7 +184,9 @@ def resolve_source(name: str, spec: Any, device: str = "cpu") -> PhraseSource:
         raise ConfigError(f"{where}: `class` and `sampling` apply to checkpoints only, {path} is not a .ckpt file")
     if is_checkpoint:
         module_class = import_class(options.get("class") or recorded_class(path, where), where)
-        return GeneratorCheckpoint(path, module_class, dict(options.get("sampling") or {}), device)
+        sampling = dict(options.get("sampling") or {})
+        check_sampling(module_class, sampling, where)
+        return GeneratorCheckpoint(path, module_class, sampling, device, where)
     if (path / REPORT_NAME).is_file():
         return PhraseCacheFolder(path)
     npz = path / "phrases.npz" if path.is_dir() else path

@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.pianoroll import PHRASE_STEPS, STEPS_PER_BEAT
@@ -81,6 +82,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"tempo={cfg.tempo} must be positive and sample_rate={cfg.sample_rate} at least 8000")
     if len(cfg.scale) < 2:
         raise ConfigError(f"scale needs at least two labels, got {list(cfg.scale)}")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={cfg.device} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device} but CUDA is not available here; use device=cpu")
 
 
 def build_loop_test(cfg: DictConfig) -> dict:
