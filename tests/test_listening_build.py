@@ -291,6 +291,25 @@ def test_mixing_kit_pages_excerpts_loudness_and_skipped_songs(mix_inputs, tmp_pa
     assert np.abs(anchor_audio - scale * sum(stems)).max() < 1e-3
 
 
+def test_mixing_build_skips_a_song_whose_reference_is_truncated_or_too_short(mix_inputs, tmp_path):
+    evaluation = tmp_path / "evaluation"
+    shutil.copytree(mix_inputs / "evaluation", evaluation)
+    stems = tmp_path / "stems"
+    shutil.copytree(mix_inputs / "stems", stems)
+    for song in ("song_d", "song_e"):
+        shutil.copytree(stems / "song_a", stems / song)
+        for system in ("target", "sum", "fxnorm"):
+            shutil.copyfile(evaluation / "mixes" / system / "song_a.wav", evaluation / "mixes" / system / f"{song}.wav")
+    truncated = evaluation / "mixes" / "target" / "song_d.wav"
+    truncated.write_bytes(truncated.read_bytes()[:100])  # a header and no samples
+    write_wav(evaluation / "mixes" / "target" / "song_e.wav", 0.1 * np.ones((2, SR // 2)))
+    code, stdout, stderr = run_listening_test(
+        "build", "kind=mixing", f"mixes={evaluation}", f"stems={stems}", f"out={tmp_path / 'kit'}", "excerpt_seconds=3")
+    assert code == 0, stderr
+    assert "song song_d skipped: " in stdout and "song song_e skipped: " in stdout and "lasts 0.50 s" in stdout
+    assert [song["name"] for song in kit_test(tmp_path / "kit")["songs"]] == ["song_a"]
+
+
 def test_mixing_build_errors(mix_inputs, tmp_path):
     evaluation, stems = mix_inputs / "evaluation", mix_inputs / "stems"
     cases = [

@@ -33,6 +33,8 @@ from framework.config import ConfigError
 from listening.build.audio import fade_edges, match_loudness, measure
 from listening.build.kit import Clip, clip_entry, write_kit
 
+#: The shortest excerpt (seconds): a song whose reference mixture is shorter is skipped.
+MIN_EXCERPT_SECONDS = 1.0
 #: Grid (seconds) on which the loudest excerpt is searched.
 EXCERPT_HOP_SECONDS = 0.5
 #: A file may end this much before the excerpt does (resampling rounding); the rest is silence.
@@ -134,6 +136,8 @@ def plan_song(name: str, systems: Sequence[str], root: Path, stems_root: Path, c
         duration = sf.info(str(reference)).duration
     except (sf.LibsndfileError, RuntimeError) as err:
         raise SkipSong(f"{reference} cannot be read: {err}") from err
+    if duration < MIN_EXCERPT_SECONDS:
+        raise SkipSong(f"{reference} lasts {duration:.2f} s, less than the shortest excerpt ({MIN_EXCERPT_SECONDS:g} s)")
     seconds = min(cfg.excerpt_seconds, duration)
     start = loudest_start(reference, seconds) if cfg.excerpt_start is None else float(cfg.excerpt_start)
     plan = SongPlan(name, start, seconds, {system: (path,) for system, path in mixes.items()})
@@ -164,8 +168,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("mixes", "stems"):
         if cfg[key] is None or not Path(cfg[key]).is_dir():
             raise ConfigError(f"{key}={cfg[key]}: not a folder ({'evaluate_mix.py output' if key == 'mixes' else 'song stem folders'})")
-    if not cfg.excerpt_seconds > 1.0 or (cfg.excerpt_start is not None and cfg.excerpt_start < 0):
-        raise ConfigError(f"excerpt_seconds={cfg.excerpt_seconds} must exceed 1 and excerpt_start="
+    if cfg.excerpt_seconds < MIN_EXCERPT_SECONDS or (cfg.excerpt_start is not None and cfg.excerpt_start < 0):
+        raise ConfigError(f"excerpt_seconds={cfg.excerpt_seconds} must be at least {MIN_EXCERPT_SECONDS:g} and excerpt_start="
                           f"{cfg.excerpt_start} be null or >= 0")
     if not cfg.attributes or any(set(a) != {"name", "question"} for a in cfg.attributes):
         raise ConfigError("attributes must be a non-empty list of {name: ..., question: ...}")
