@@ -77,6 +77,10 @@ def analyse_answers(argv: Sequence[str]) -> dict:
     if not results.ratings:
         reasons = "; ".join(f"{where}: {why}" for where, why in results.skipped[:3])
         raise ConfigError(f"no ratings found in {', '.join(paths)}" + (f" ({reasons})" if reasons else ""))
+    rated = sorted({rating.system for rating in results.ratings})
+    unknown = [system for system in (cfg.systems or []) if system not in rated]
+    if unknown:
+        raise ConfigError(f"systems: {unknown} not rated in the answers; rated: {', '.join(rated)}")
     check_output_folder(cfg.out, cfg.overwrite)
     screening = cfg.screening
     return analyse(results, cfg.out, cfg.systems, screening.reference, screening.below, screening.max_share,

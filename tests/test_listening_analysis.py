@@ -215,8 +215,11 @@ def test_reader_skips_bad_files_and_rows_with_reasons_and_counts_repeated_answer
 
 def test_command_line_errors_are_one_line(tmp_path):
     (tmp_path / "empty.json").write_text(json.dumps({"ratings": []}))
+    rated = write_json(tmp_path / "rated.json", mixing_rows("ann", {("song_a", "Clarity", s): 50 for s in SYSTEMS}))
     for args, message in [((), "analyse needs answer files"), ((tmp_path / "nowhere.json",), "no such answer file"),
                           ((tmp_path / "empty.json",), "no ratings found"),
-                          ((tmp_path / "empty.json", "screening.level=3"), "Valid keys at screening")]:
+                          ((tmp_path / "empty.json", "screening.level=3"), "Valid keys at screening"),
+                          ((rated, "systems=[target, proposd]"),
+                           "systems: ['proposd'] not rated in the answers; rated: anchor, proposed, target")]:
         code, _, stderr = run_analyse(*args, f"out={tmp_path / 'out'}")
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
