@@ -14,8 +14,10 @@ or folders holding them; arguments holding ``=`` are settings, the others answer
 
 ``demo`` builds both tests from the newest demo runs under ``runs``: the loop test from the newest
 ``pipeline.py`` run (``make demo``) and the mixing test from the newest ``evaluate_mix.py`` output
-(a folder with ``mixes/target/``). It builds what it finds and names the command to run for what
-is missing (exit code 1 then).
+(a folder with ``mixes/target/``). The demo's test songs have wet stems that sum to their
+mixture, so its mixing test has no extra anchor (``demo.anchor``): the ``sum`` mix of
+``evaluate_mix.py`` is the low anchor. It builds what it finds and names the command to run for
+what is missing (exit code 1 then).
 """
 from __future__ import annotations
 
@@ -127,8 +129,10 @@ def demo(argv: Sequence[str]) -> dict:
                              "`make demo-mixing` (its evaluate_mix step) or `python evaluate_mix.py ... out=DIR` first")
     else:
         print(f"mixing test from {mix_output}")
-        built["mixing"] = build_kit("mixing", build_config("mixing", [
-            f"mixes={mix_output}", f"stems={cfg.stems}", f"out={out / 'mixing'}", "overwrite=true"]))
+        cfg_mixing = build_config("mixing", [f"mixes={mix_output}", f"stems={cfg.stems}", f"out={out / 'mixing'}",
+                                              "overwrite=true"])
+        cfg_mixing.anchor = cfg.anchor
+        built["mixing"] = build_kit("mixing", cfg_mixing)
     return {"built": built, "missing": missing}
 
 

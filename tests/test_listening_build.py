@@ -17,6 +17,7 @@ import torch
 
 import listening_test
 from datamodules.pianoroll import load_phrases, pack_phrases, write_phrase_cache
+from datamodules.fxnorm.songs import STEMS
 from datamodules.pianoroll.cache import write_report, write_shard
 from lightning_modules.cnn_vae import CNNVAE
 from listening.build.audio import match_loudness
@@ -310,8 +311,17 @@ def test_mixing_build_skips_a_song_whose_reference_is_truncated_or_too_short(mix
     assert [song["name"] for song in kit_test(tmp_path / "kit")["songs"]] == ["song_a"]
 
 
+def wet_reference(evaluation, stems, song: str) -> None:
+    """Make the song's reference mixture the plain sum of its stems, as MUSDB18's (and the demo's) wet stems are."""
+    total = sum(sf.read(stems / song / f"{stem}.wav", dtype="float64")[0] for stem in STEMS)
+    write_wav(evaluation / "mixes" / "target" / f"{song}.wav", total.T)
+
+
 def test_mixing_build_errors(mix_inputs, tmp_path):
     evaluation, stems = mix_inputs / "evaluation", mix_inputs / "stems"
+    wet = tmp_path / "wet"
+    shutil.copytree(evaluation, wet)
+    wet_reference(wet, stems, "song_a")
     cases = [
         ([f"mixes={evaluation}", f"stems={stems}", "reference=professional"], "no professional/ folder"),
         ([f"mixes={evaluation}", f"stems={stems}", "systems=[wave_u_net]"], "have no folder"),
@@ -319,10 +329,15 @@ def test_mixing_build_errors(mix_inputs, tmp_path):
         ([f"mixes={evaluation}", f"stems={stems}", "songs=[song_b]"], "no song of mixes"),
         ([f"mixes={tmp_path}", f"stems={stems}"], "no target/ folder"),
         ([f"stems={stems}"], "mixes=None: not a folder"),
+        ([f"mixes={wet}", f"stems={stems}"], "anchor=anchor: the stems of song song_a sum to its target mixture"),
     ]
     for args, message in cases:
         code, _, stderr = run_listening_test("build", "kind=mixing", *args, f"out={tmp_path / 'kit'}")
-        assert code == 2 and message in stderr, (args, stderr)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, (args, stderr)
+    code, _, stderr = run_listening_test("build", "kind=mixing", f"mixes={wet}", f"stems={stems}", "anchor=null",
+                                         f"out={tmp_path / 'kit'}", "excerpt_seconds=3")
+    assert code == 0, stderr
+    assert sorted(s["system"] for s in kit_test(tmp_path / "kit")["songs"][0]["stimuli"]) == ["fxnorm", "sum", "target"]
 
 
 def test_demo_takes_each_trained_generators_best_checkpoint(tmp_path):
@@ -346,7 +361,10 @@ def test_demo_builds_both_tests_from_the_newest_runs_or_names_what_to_run_first(
     shutil.copytree(loop_inputs / "loops", run / "loops")
     shutil.copytree(loop_inputs / "generated", run / "generated")
     shutil.copytree(mix_inputs / "evaluation" / "mixes", runs / "mixer_evaluation" / "mixes")
+    wet_reference(runs / "mixer_evaluation", mix_inputs / "stems", "song_a")  # the demo's test songs are wet
     code, stdout, stderr = run_listening_test("demo", f"runs={runs}", f"stems={mix_inputs / 'stems'}", f"out={kits}")
     assert code == 0, stderr
     assert (kits / "loops" / "index.html").as_uri() in stdout and (kits / "mixing" / "index.html").as_uri() in stdout
-    assert len(kit_test(kits / "loops")["stimuli"]) == 20 and len(kit_test(kits / "mixing")["songs"]) == 1
+    assert len(kit_test(kits / "loops")["stimuli"]) == 20
+    songs = kit_test(kits / "mixing")["songs"]
+    assert len(songs) == 1 and sorted(s["system"] for s in songs[0]["stimuli"]) == ["fxnorm", "sum", "target"]

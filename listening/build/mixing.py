@@ -10,7 +10,9 @@ window of highest energy on a half-second grid). Its stimuli are each system's m
 ``anchor`` set, a low anchor: the plain sum of the unprocessed stems. Every stimulus of the test is
 matched to one loudness; the stems of a song share one gain that gives their sum that loudness
 (so they keep their balance), and play as the reference. Excerpts fade in and out over
-``fade_seconds`` so that looping playback does not click.
+``fade_seconds`` so that looping playback does not click. Wet stems (MUSDB18's, the demo's) sum to
+the reference mixture itself; the anchor would then be a second hidden reference, so the build
+stops and asks for dry stems or ``anchor=null``.
 
 A song is skipped, with its reason in the manifest and the summary, when a mix or stem is missing,
 unreadable, holds NaN, is too short for the excerpt or is silent in it. Audio at another sample
@@ -39,6 +41,8 @@ MIN_EXCERPT_SECONDS = 1.0
 EXCERPT_HOP_SECONDS = 0.5
 #: A file may end this much before the excerpt does (resampling rounding); the rest is silence.
 LENGTH_TOLERANCE_SECONDS = 0.1
+#: Two mixes whose difference, after the best gain, keeps less than this share of the energy (-30 dB) are one mix.
+SAME_MIX_RESIDUAL = 1e-3
 
 
 class SkipSong(Exception):
@@ -125,7 +129,8 @@ def loudest_start(path: Path, seconds: float) -> float:
 
 
 def plan_song(name: str, systems: Sequence[str], root: Path, stems_root: Path, cfg: DictConfig) -> SongPlan:
-    """The song's excerpt and sources, every file's excerpt read once to measure it; raises SkipSong."""
+    """The song's excerpt and sources, every file's excerpt read once to measure it; raises SkipSong, or
+    ConfigError when the anchor would repeat the reference mixture."""
     mixes = {system: root / system / f"{name}.wav" for system in systems}
     stems = {stem: stems_root / name / f"{stem}.wav" for stem in STEMS}
     missing = [str(path) for path in [*mixes.values(), *stems.values()] if not path.is_file()]
@@ -157,7 +162,19 @@ def plan_song(name: str, systems: Sequence[str], root: Path, stems_root: Path, c
         plan.loudness[key], plan.peaks[key] = measure(audio, sr)
         if not np.isfinite(plan.loudness[key]):
             raise SkipSong(f"the {key} mix is silent {window}")
+        if key == cfg.reference and cfg.anchor and same_up_to_gain(stem_sum, audio):
+            raise ConfigError(
+                f"anchor={cfg.anchor}: the stems of song {name} sum to its {cfg.reference} mixture (wet stems, as in "
+                "MUSDB18), so the anchor would be a copy of the hidden reference; give the songs' dry stems, or "
+                "anchor=null (the `sum` mix of evaluate_mix.py is then the low anchor)")
     return plan
+
+
+def same_up_to_gain(audio: np.ndarray, reference: np.ndarray) -> bool:
+    """Whether ``audio`` times its best gain leaves less than ``SAME_MIX_RESIDUAL`` of ``reference``'s energy."""
+    audio, reference = audio.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
+    gain = np.dot(audio, reference) / np.dot(audio, audio)
+    return float(np.sum(np.square(reference - gain * audio))) < SAME_MIX_RESIDUAL * float(np.dot(reference, reference))
 
 
 def clip_audio(plan: SongPlan, key: str, sr: int, fade_seconds: float) -> np.ndarray:
