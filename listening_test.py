@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.cli import check_output_folder, script_main
 from framework.config import ConfigError, apply_overrides
 from listening.analysis.report import analyse
-from listening.analysis.results import read_results
+from listening.analysis.results import Results, read_results
 from listening.build.loops import build_loop_test
 from listening.build.mixing import build_mixing_test
 
@@ -79,6 +79,7 @@ def analyse_answers(argv: Sequence[str]) -> dict:
     if not results.ratings:
         reasons = "; ".join(f"{where}: {why}" for where, why in results.skipped[:3])
         raise ConfigError(f"no ratings found in {', '.join(paths)}" + (f" ({reasons})" if reasons else ""))
+    results, left_out = choose_tests(results, cfg.tests)
     rated = sorted({rating.system for rating in results.ratings})
     unknown = [system for system in (cfg.systems or []) if system not in rated]
     if unknown:
@@ -86,7 +87,24 @@ def analyse_answers(argv: Sequence[str]) -> dict:
     check_output_folder(cfg.out, cfg.overwrite)
     screening = cfg.screening
     return analyse(results, cfg.out, cfg.systems, screening.reference, screening.below, screening.max_share,
-                   screening.exclude)
+                   screening.exclude, left_out)
+
+
+def choose_tests(results: Results, chosen: Sequence[str] | None) -> tuple[Results, int]:
+    """The answers of the tests ``chosen``, and how many others were left out; with none chosen,
+    the answers must all come from one test (two builds of a test differ in their stimuli)."""
+    found = ", ".join(sorted(results.tests))
+    if chosen:
+        chosen = [str(test) for test in chosen]  # an id of digits alone arrives as a number
+        unknown = [test for test in chosen if test not in results.tests]
+        if unknown:
+            raise ConfigError(f"tests: {unknown} not among the answers' tests: {found or 'none named'}")
+        return results.of_tests(chosen)
+    if len(results.tests) > 1:
+        where = ", ".join(f"{test} (in {path})" for test, path in sorted(results.tests.items()))
+        raise ConfigError(f"the answers come from {len(results.tests)} listening tests: {where}; analyse one, or "
+                          "choose with tests=[ID, ...] (several ids pool them)")
+    return results, 0
 
 
 def newest(paths) -> Path | None:

@@ -223,3 +223,29 @@ def test_command_line_errors_are_one_line(tmp_path):
                            "systems: ['proposd'] not rated in the answers; rated: anchor, proposed, target")]:
         code, _, stderr = run_analyse(*args, f"out={tmp_path / 'out'}")
         assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_answers_of_different_tests_are_refused_unless_chosen(tmp_path):
+    """Two builds of a test share system names but not stimuli: pooling them is a choice, never silent."""
+    scores = {("song_a", "Clarity", s): 40 + 10 * i for i, s in enumerate(SYSTEMS)}
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    write_json(answers / "ann.json", [dict(row, test="aaaa11112222") for row in mixing_rows("ann", scores)])
+    write_csv(answers / "bob.csv", [dict(row, test="bbbb11112222") for row in mixing_rows("bob", scores)])
+    # the JSON download names its test once, in its header
+    (answers / "cid.json").write_text(json.dumps({"test": {"id": "aaaa11112222"}, "ratings": mixing_rows("cid", scores)}))
+
+    code, _, stderr = run_analyse(answers, f"out={tmp_path / 'mixed'}")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"2 listening tests: aaaa11112222 (in {answers / 'ann.json'}), bbbb11112222 (in {answers / 'bob.csv'})" in stderr
+    assert not (tmp_path / "mixed").exists()
+
+    code, stdout, stderr = run_analyse(answers, "tests=[aaaa11112222]", f"out={tmp_path / 'one'}")
+    assert code == 0, stderr
+    assert "3 ratings of other tests left out" in stdout and "from 2 listeners" in stdout
+    assert {int(r["count"]) for r in read_table(tmp_path / "one" / "summary.csv")} == {2}
+
+    code, stdout, stderr = run_analyse(answers, "tests=[aaaa11112222, bbbb11112222]", f"out={tmp_path / 'pooled'}")
+    assert code == 0 and "from 3 listeners" in stdout, stderr
+    code, _, stderr = run_analyse(answers, "tests=[cccc11112222]", f"out={tmp_path / 'none'}")
+    assert code == 2 and "tests: ['cccc11112222'] not among the answers' tests: aaaa11112222, bbbb11112222" in stderr

@@ -202,6 +202,8 @@ def test_loop_page_from_file_url_scripted_participant_reload_download_and_analys
     ratings = document["ratings"]
     assert [r["stimulus"] for r in ratings] == rated
     assert all(r["system"] == systems[r["stimulus"]] and r["seed"] == document["seed"] for r in ratings)
+    assert all(r["test"] == test["id"] for r in ratings)
+    assert table.read_text().splitlines()[1].split(",")[8] == test["id"]  # the CSV names its test too
     assert [r["score"] for r in ratings] == [1 + k % 5 for k in range(6)]
     out = tmp_path / "report"
     stdout = analyse(answers, table, f"out={out}")

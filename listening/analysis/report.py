@@ -88,8 +88,9 @@ def _screening_section(screened: list[ListenerScreening], reference: str, below:
 
 
 def analyse(results: Results, out: str | Path, systems: Sequence[str] | None = None, reference: str = "target",
-            below: float = 90.0, max_share: float = 0.15, exclude: bool = False) -> dict:
-    """Screen, summarise, test and plot the ratings; write the report folder ``out`` atomically."""
+            below: float = 90.0, max_share: float = 0.15, exclude: bool = False, other_tests: int = 0) -> dict:
+    """Screen, summarise, test and plot the ratings; write the report folder ``out`` atomically.
+    ``other_tests`` counts the ratings read but left out as answers of other tests."""
     screened = screen_listeners(results.ratings, reference, below, max_share)
     failed = {s.participant for s in screened if s.fails}
     ratings = [r for r in results.ratings if not (exclude and r.participant in failed)]
@@ -130,11 +131,14 @@ def analyse(results: Results, out: str | Path, systems: Sequence[str] | None = N
                       f"{_number(p.p)} | {_number(p.p_holm)} |" for p in pairs]
         sections += lines + [""]
 
+    tests = f" of test {', '.join(sorted(results.tests))}" if results.tests else ""
     head = [
         "# Listening test analysis", "",
-        f"{len(results.ratings)} ratings read from {len(results.files)} files; {len(ratings)} analysed, from "
+        f"{len(results.ratings)} ratings{tests} read from {len(results.files)} files; {len(ratings)} analysed, from "
         f"{len(listeners)} listeners in {len(sessions)} sessions. Std is the sample standard deviation.",
     ]
+    if other_tests:
+        head.append(f"{other_tests} ratings of other tests left out.")
     if results.repeated:
         head.append(f"{results.repeated} answers appeared in two files (a JSON and a CSV download) and count once.")
     if results.skipped:

@@ -5,7 +5,8 @@ Every rating becomes one :class:`Rating`. Files are given one by one or as folde
 holds no numeric score, is skipped with its reason; nothing is dropped silently. A participant
 who downloaded both the JSON and the CSV file gives every answer twice: identical answers count
 once, and an answer that contradicts an earlier one for the same session, page, stimulus and
-attribute is skipped and reported.
+attribute is skipped and reported. Each answer keeps the id of the test (the kit) it belongs to:
+the ``test`` column, or the JSON file's ``test.id``.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Rating:
     score: float
     time: str
     song: str = ""  # the mixing test's song; empty in the loop test
+    test: str = ""  # the id of the kit that asked; empty when the file does not say
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -47,6 +49,14 @@ class Results:
     files: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or file:row, reason)
     repeated: int = 0  # identical answers read twice (a participant's JSON and CSV file)
+    tests: dict[str, Path] = field(default_factory=dict)  # test id -> the first file holding its answers
+
+    def of_tests(self, chosen: Iterable[str]) -> tuple[Results, int]:
+        """These results restricted to the tests ``chosen``, and how many ratings that leaves out."""
+        chosen = set(chosen)
+        kept = [rating for rating in self.ratings if rating.test in chosen]
+        tests = {test: path for test, path in self.tests.items() if test in chosen}
+        return Results(kept, self.files, self.skipped, self.repeated, tests), len(self.ratings) - len(kept)
 
 
 def result_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -60,22 +70,24 @@ def result_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def _rows(path: Path) -> list[dict]:
-    """The raw rows of one file; ValueError when it is not an answer file."""
+def _rows(path: Path) -> tuple[list[dict], str]:
+    """The raw rows of one file and the test id the file names for all of them (JSON only);
+    ValueError when it is not an answer file."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             missing = [column for column in REQUIRED if column not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"CSV header lacks {', '.join(missing)}")
-            return list(reader)
+            return list(reader), ""
     document = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(document, dict) or not isinstance(document.get("ratings"), list):
         raise ValueError("JSON without a `ratings` list")
-    return document["ratings"]
+    test = document.get("test")
+    return document["ratings"], str(test.get("id") or "") if isinstance(test, dict) else ""
 
 
-def _rating(row: dict) -> Rating:
+def _rating(row: dict, test: str) -> Rating:
     if not isinstance(row, dict):
         raise ValueError(f"not a mapping: {row!r}")
     missing = [column for column in REQUIRED if row.get(column) in (None, "")]
@@ -88,7 +100,7 @@ def _rating(row: dict) -> Rating:
     if not math.isfinite(score):
         raise ValueError(f"score {row['score']!r} is not finite")
     text = {column: str(row[column]) for column in REQUIRED if column != "score"}
-    return Rating(score=score, song=str(row.get("song") or ""), **text)
+    return Rating(score=score, song=str(row.get("song") or ""), test=str(row.get("test") or test), **text)
 
 
 def read_results(paths: Iterable[str | Path]) -> Results:
@@ -97,7 +109,7 @@ def read_results(paths: Iterable[str | Path]) -> Results:
     seen: dict[tuple, float] = {}
     for path in result_files(paths):
         try:
-            rows = _rows(path)
+            rows, test = _rows(path)
         except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
             results.skipped.append((str(path), f"not an answer file: {err}"))
             continue
@@ -105,7 +117,7 @@ def read_results(paths: Iterable[str | Path]) -> Results:
         for number, row in enumerate(rows, 1):
             where = f"{path}:{number}"
             try:
-                rating = _rating(row)
+                rating = _rating(row, test)
             except ValueError as err:
                 results.skipped.append((where, str(err)))
                 continue
@@ -118,4 +130,6 @@ def read_results(paths: Iterable[str | Path]) -> Results:
                 continue
             seen[rating.key] = rating.score
             results.ratings.append(rating)
+            if rating.test:
+                results.tests.setdefault(rating.test, path)
     return results

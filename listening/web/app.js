@@ -20,7 +20,7 @@
   const STORAGE_KEY = TEST ? "loopmix-listening-test:" + TEST.id : null;
   /** Result columns: the first eight are the analysis's; the rest say where each answer came from. */
   const COLUMNS = ["participant", "session", "page", "stimulus", "system", "attribute", "score", "time",
-                   "kind", "song", "position", "seed", "seconds_on_page"];
+                   "test", "kind", "song", "position", "seed", "seconds_on_page"];
   const SWITCH_SECONDS = 0.005;  // gain ramp when switching stimuli: no click and no gap
   const START_DELAY = 0.05;      // lets every synced source be scheduled before the first sample
 
@@ -112,7 +112,7 @@
     for (const stimulus of stimuli) {
       state.ratings.push({
         participant: state.participant, session: state.session, page: pageId, stimulus: stimulus.id,
-        system: stimulus.system, attribute, score: scores[stimulus.id], time, kind: TEST.kind, song,
+        system: stimulus.system, attribute, score: scores[stimulus.id], time, test: TEST.id, kind: TEST.kind, song,
         position: state.position + 1, seed: state.seed, seconds_on_page: seconds,
       });
     }
