@@ -188,6 +188,12 @@ def test_post_screening_flags_and_can_exclude_a_listener_who_rates_the_reference
     counts = {(r["attribute"], r["system"]): int(r["count"]) for r in read_table(excluded / "summary.csv")}
     assert counts["Clarity", "target"] == 3
 
+    nobody = tmp_path / "nobody"  # every listener fails: the report says so and shows no figure it lacks
+    assert run_analyse(*files[1:], f"out={nobody}", "screening.exclude=true")[0] == 0
+    report = (nobody / "report.md").read_text()
+    assert "Every listener failed the screening: no ratings left to analyse." in report
+    assert "ratings.png" not in report and not (nobody / "ratings.png").exists()
+
 
 def test_reader_skips_bad_files_and_rows_with_reasons_and_counts_repeated_answers_once(tmp_path):
     rows = mixing_rows("ann", {("song_a", "Clarity", s): 50 + i for i, s in enumerate(SYSTEMS)})

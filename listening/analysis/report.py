@@ -143,7 +143,10 @@ def analyse(results: Results, out: str | Path, systems: Sequence[str] | None = N
         head.append(f"{results.repeated} answers appeared in two files (a JSON and a CSV download) and count once.")
     if results.skipped:
         head += ["", f"Skipped ({len(results.skipped)}):", ""] + [f"- `{where}`: {why}" for where, why in results.skipped]
-    head += ["", f"![ratings]({FIGURE})", ""]
+    if attributes:
+        head += ["", f"![ratings]({FIGURE})", ""]
+    elif results.ratings:
+        head += ["", "Every listener failed the screening: no ratings left to analyse.", ""]
     reference_rated = any(r.system == reference for r in results.ratings)
     report = "\n".join(head + _screening_section(screened, reference, below, max_share, exclude, reference_rated)
                        + sections)
