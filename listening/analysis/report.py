@@ -131,7 +131,7 @@ def analyse(results: Results, out: str | Path, systems: Sequence[str] | None = N
                       f"{_number(p.p)} | {_number(p.p_holm)} |" for p in pairs]
         sections += lines + [""]
 
-    tests = f" of test {', '.join(sorted(results.tests))}" if results.tests else ""
+    tests = f" of test{'s' if len(results.tests) > 1 else ''} {', '.join(sorted(results.tests))}" if results.tests else ""
     head = [
         "# Listening test analysis", "",
         f"{len(results.ratings)} ratings{tests} read from {len(results.files)} files; {len(ratings)} analysed, from "
