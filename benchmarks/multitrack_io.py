@@ -9,7 +9,9 @@ workers and batch size 4, is timed after its workers have started. In the same r
 the previous data path: five float WAVs per song read with soundfile per example (segment and
 silence check as before), timed with the same workers and with none (its old default). The
 authors' GPU consumed about 3 examples/s (batches of 4, 1,600 batches in about 35 minutes). The
-last line is our examples/s; the target on two CPU cores is at least 30. Timings are of the page
+CPU time per example of both paths in one process is printed too: wall-clock rates on a shared
+machine mostly measure the other load. The last line is our examples/s; the target on two CPU
+cores is at least 30. Timings are of the page
 cache when the songs fit in memory, as they do here; a cold disk adds its read time (17.6 MB per
 example).
 """
@@ -70,6 +72,15 @@ class WavSegments(Dataset):
                 return torch.from_numpy(stems), torch.from_numpy(mixture)
 
 
+def cpu_per_example(dataset: Dataset, count: int) -> float:
+    """CPU milliseconds this process spends per example (less sensitive to other load than wall time)."""
+    dataset[count]  # open files, fault in code paths
+    start = time.process_time()
+    for key in range(count):
+        dataset[key]
+    return 1000 * (time.process_time() - start) / count
+
+
 def rate(loader: DataLoader, batches: int, warmup: int = 3) -> float:
     """Examples per second over ``batches`` batches, after ``warmup`` batches (workers started)."""
     iterator = iter(loader)
@@ -103,7 +114,11 @@ def main() -> None:
     previous = {count: rate(DataLoader(reference, batch_size=BATCH, sampler=keys, num_workers=count, drop_last=True),
                             args.batches) for count in (0, workers)}
 
+    ours_cpu, previous_cpu = cpu_per_example(datamodule.train_set, 20), cpu_per_example(reference, 20)
+
     print(f"{args.songs} songs of {args.seconds:.0f} s, batches of {BATCH} x 10 s (8 + 2 channels, float32)")
+    print(f"CPU time per example in one process: {ours_cpu:.1f} ms, previous path {previous_cpu:.1f} ms "
+          f"({previous_cpu / ours_cpu:.1f} x)")
     print(f"previous path, five WAV reads per example, 0 workers:  {previous[0]:7.1f} examples/s")
     print(f"previous path, five WAV reads per example, {workers} workers:  {previous[workers]:7.1f} examples/s")
     print(f"the authors' GPU consumed about {AUTHORS_EXAMPLES_PER_SECOND:.1f} examples/s; target here: >= 30")
