@@ -23,7 +23,8 @@ and evaluation sets are indexed without reading them at all.
 
 Batches: training and validation ``(stems (B, 8, T), mixture (B, 2, T))`` float32 segments; test
 ``(1, 8, n), (1, 2, n)``, one whole song per batch. Evaluation sets are sharded across ranks
-without duplicates (:class:`~datamodules.sharding.UnpaddedShardSampler`).
+without duplicates (:class:`~datamodules.sharding.UnpaddedShardSampler`), except that a rank left
+without a test song repeats one (:class:`SongShards`).
 """
 from __future__ import annotations
 
@@ -183,6 +184,19 @@ class WholeSongs(Dataset):
         return torch.from_numpy(stems), torch.from_numpy(mixture)
 
 
+class SongShards(UnpaddedShardSampler):
+    """Rank r of w gets songs r, r + w, ...; a rank left without a song (fewer songs than ranks)
+    gets song r mod n once, so that every rank runs the test loop and its collectives. Song-level
+    metrics count a repeated song once (:class:`~callbacks.mix_metrics.MixFeatureError`)."""
+
+    def __iter__(self):
+        own = list(super().__iter__())
+        return iter(own or [self.rank % len(self.dataset)])
+
+    def __len__(self) -> int:
+        return max(super().__len__(), 1)
+
+
 def default_workers(devices: int = 1) -> int:
     """Loader processes per rank: the CPUs this process may use, shared by the node's ranks, at most 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -303,4 +317,4 @@ class MultitrackDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, UnpaddedShardSampler(self.val_set), self.batch_size, self._workers())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, UnpaddedShardSampler(self.test_set), 1, min(1, self._workers()))
+        return self._loader(self.test_set, SongShards(self.test_set), 1, min(1, self._workers()))

@@ -257,3 +257,15 @@ def test_cache_refuses_stems_of_another_normalisation(demo, tmp_path):
     (out / "fxnorm.json").unlink()
     with pytest.raises(ValueError, match="no fxnorm.json"):
         normalize_folder(FxNormalizer.musdb18_reference(), songs, out, inference=True, progress=False)
+
+
+def test_every_rank_gets_a_test_song_even_when_there_are_fewer_songs_than_ranks():
+    from datamodules.multitrack import SongShards
+
+    def shard(n, rank, replicas):
+        sampler = SongShards(list(range(n)))
+        sampler.num_replicas, sampler.rank = replicas, rank
+        return list(sampler)
+
+    assert [shard(5, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
+    assert [shard(1, r, 2) for r in (0, 1)] == [[0], [0]]
