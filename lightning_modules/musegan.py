@@ -67,10 +67,10 @@ class MuseGAN(pl.LightningModule):
         betas: Sequence[float] = (0.5, 0.9),
         latent_dim: int = 32,
         generator_width: int = 256,
-        critic_width: int = 64,
+        critic_width: int = 256,
         critic_steps: int = 5,
         penalty_weight: float = 10.0,
-        sample_mode: str = "bernoulli",
+        sample_mode: str = "threshold",
         sample_batch_size: int = 1000,
         seed: int = 0,
     ):

@@ -67,7 +67,8 @@ def test_critic_loss_combines_the_wasserstein_estimate_and_the_weighted_penalty(
 def test_one_critic_per_instrument_sees_only_its_columns():
     model = small_gan()
     assert list(model.generators) == list(model.critics) == ["drums", "bass"]
-    assert model.critics["drums"][0].in_channels == 9 and model.critics["bass"][0].in_channels == 48
+    assert model.critics["drums"].bar_encoder[0].in_features == 16 * 9
+    assert model.critics["bass"].bar_encoder[0].in_features == 16 * 48
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.critics.modules())
     generator_params = {id(p) for p in model.generators.parameters()}
     assert not generator_params & {id(p) for p in model.critics.parameters()}
