@@ -135,15 +135,18 @@ class MusicTransformer(pl.LightningModule):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         batch_size = batch_size or self.hparams.sample_batch_size
-        first = torch.multinomial(self.first_step_counts, n, replacement=True, generator=generator) if n else None
-        parts = [self._generate(self.first_steps[chunk], generator, temperature)
-                 for chunk in (first.split(batch_size) if n else [])]
-        return torch.cat(parts) if parts else torch.zeros(0, PHRASE_STEPS, PHRASE_COLUMNS, dtype=torch.bool,
-                                                          device=self.device)
+        # The buffers' device, not self.device: a module moved as part of a parent keeps a stale self.device.
+        device = self.first_steps.device
+        parts = [torch.zeros(0, PHRASE_STEPS, PHRASE_COLUMNS, dtype=torch.bool, device=device)]
+        if n:
+            first = torch.multinomial(self.first_step_counts, n, replacement=True, generator=generator)
+            parts += [self._generate(self.first_steps[chunk], generator, temperature) for chunk in first.split(batch_size)]
+        return torch.cat(parts)
 
     def _generate(self, first: Tensor, generator: torch.Generator | None, temperature: float) -> Tensor:
         """Phrases continuing the first steps ``first`` (B, 57), one cached step per position."""
-        phrases = torch.zeros(len(first), PHRASE_STEPS, PHRASE_COLUMNS, dtype=torch.bool, device=self.device)
+        device = first.device
+        phrases = torch.zeros(len(first), PHRASE_STEPS, PHRASE_COLUMNS, dtype=torch.bool, device=device)
         phrases[:, 0] = first.bool()
         cache = KeyValueCache()
         for position in range(1, PHRASE_STEPS):
@@ -151,6 +154,6 @@ class MusicTransformer(pl.LightningModule):
             if temperature == 0:
                 phrases[:, position] = logits >= 0
             else:
-                uniforms = torch.rand(logits.shape, generator=generator, device=self.device)
+                uniforms = torch.rand(logits.shape, generator=generator, device=device)
                 phrases[:, position] = uniforms < torch.sigmoid(logits / temperature)
         return phrases
