@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.generate import timed  # noqa: E402
 from lightning_modules.music_transformer import MusicTransformer  # noqa: E402
 from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS  # noqa: E402
-
-
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 @torch.no_grad()
