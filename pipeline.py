@@ -7,7 +7,8 @@ outputs all land in ``run_dir``:
 
     detector/   loop detector run (checkpoint, score histogram, Fig. 3 analysis)
     loops/      extracted loops (phrase cache, scores, histogram)
-    vqvae/ prior/ cnn_vae/   training runs
+    vqvae/ prior/           training runs of the VQ-VAE and its LSTM prior
+    cnn_vae/ music_transformer/ musegan/   training runs of the baselines
     codes/      VQ-VAE code cache
     generated/  MIDI loops, pianoroll grid, WAV previews, summary
     evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
@@ -93,10 +94,20 @@ class Pipeline:
     def prior(self) -> None:
         self.checkpoints["prior"] = self._train("prior", "prior", f"datamodule.codes={self.path('codes')}")
 
-    def cnn_vae(self) -> None:
-        self.checkpoints["cnn_vae"] = self._train(
-            "cnn_vae", "cnn_vae", f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
+    def _baseline(self, name: str) -> None:
+        """Train the baseline experiment ``name`` on the extracted loops, scoring its samples with the detector."""
+        self.checkpoints[name] = self._train(
+            name, name, f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
             f"callbacks.generation.detector={self.checkpoints['detector']}")
+
+    def cnn_vae(self) -> None:
+        self._baseline("cnn_vae")
+
+    def music_transformer(self) -> None:
+        self._baseline("music_transformer")
+
+    def musegan(self) -> None:
+        self._baseline("musegan")
 
     def generate(self) -> None:
         argv = [f"prior={self.checkpoints['prior']}", f"detector={self.checkpoints['detector']}",
@@ -105,8 +116,10 @@ class Pipeline:
         _check(generate.main(argv), "generate.py")
 
     def evaluate(self) -> None:
-        argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}",
-                f"prior={self.checkpoints['prior']}", f"cnn_vae={self.checkpoints.get('cnn_vae')}",
+        # A generator whose step did not run is passed as null: evaluate.py leaves its rows out.
+        generators = [f"{key}={self.checkpoints.get(key) or 'null'}"
+                      for key in ("prior", "cnn_vae", "music_transformer", "musegan")]
+        argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}", *generators,
                 f"out={self.path('evaluation')}", f"seed={self.cfg.seed}", *self.args.evaluate]
         print(f"    python evaluate.py {' '.join(argv)}")
         _check(evaluate.main(argv), "evaluate.py")
@@ -137,8 +150,8 @@ class Pipeline:
             _check(mix.main(argv), "mix.py")
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "generate", "evaluate", "mixer", "wave_u_net",
-                 "mix", "evaluate_mix")
+        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "music_transformer", "musegan",
+                 "generate", "evaluate", "mixer", "wave_u_net", "mix", "evaluate_mix")
         unknown = [s for s in self.cfg.steps if s not in valid]
         if unknown:
             raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")

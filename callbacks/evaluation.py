@@ -1,7 +1,8 @@
 """Evaluation of loop generators against their training set: the paper's Tables 2-3 and Fig. 5.
 
 A :class:`LoopSource` is a named generator: an :class:`~lightning_modules.prior.LSTMPrior` with
-sampling settings, or a CNN-VAE behind :class:`LatentSampler`. Both are sampled through
+sampling settings, a CNN-VAE behind :class:`LatentSampler`, or any other phrase generator (Music
+Transformer, MuseGAN) behind :class:`PhraseSampler`. All are sampled through
 :func:`~lightning_modules.prior.generate_loops`, the one rejection loop of the project, so a
 rejection threshold means the same for every generator: batches are drawn until ``n`` phrases
 score below it or ``max_rounds`` batches have been drawn.
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from callbacks.metrics import PRDC_KEYS, GenerativeMetrics, note_density, unique_pitch
-from datamodules.pianoroll import PACKED_BYTES, unpack_phrases
+from datamodules.pianoroll import PACKED_BYTES, PHRASE_STEPS, unpack_phrases
 from framework.seeding import sampling_generator
 from lightning_modules.prior import GeneratedLoops, generate_loops
 from lightning_modules.vqvae import threshold as binarise
@@ -64,13 +65,29 @@ class LatentSampler:
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int | None = None) -> Tensor:
         parts = latents.split(batch_size or max(len(latents), 1))
-        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(self.vae.device)))) for part in parts])
+        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(self.vae.device), prior_statistics=True)))
+                          for part in parts])
+
+
+class PhraseSampler:
+    """A generator with ``sample(n, generator) -> bool (n, 128, 57)`` in the sampler protocol of
+    :func:`generate_loops`: its "codes" are the sampled phrases themselves and ``decode`` returns them."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval().requires_grad_(False)
+        self.hparams = SimpleNamespace(seq_len=PHRASE_STEPS)
+
+    def sample_codes(self, n: int, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
+        return self.module.sample(n, generator)
+
+    def decode(self, phrases: Tensor, batch_size: int | None = None) -> Tensor:
+        return phrases
 
 
 @dataclass
 class LoopSource:
     """A named generator: ``sampler`` follows :func:`generate_loops`'s protocol; ``settings`` are its
-    sampling keyword arguments (mode, temperature, top_k, top_p for a prior; none for a CNN-VAE)."""
+    sampling keyword arguments (mode, temperature, top_k, top_p for a prior; none for the others)."""
 
     name: str
     sampler: object

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.demo import ensure_demo_input
-from datamodules.pianoroll import REPORT_NAME, ingest, load_phrase_cache, unpack_phrases
+from datamodules.pianoroll import REPORT_NAME, ingest, load_phrase_cache, unpack_first_steps, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
 
 
@@ -136,6 +136,11 @@ class PhraseDataModule(pl.LightningDataModule):
     def train_phrases(self) -> torch.BoolTensor:
         """The whole training split, unpacked: (N, 128, 57) bool."""
         return self._unpacked("train")
+
+    def train_first_steps(self) -> torch.BoolTensor:
+        """Step 0 of every training phrase, (N, 57) bool, unpacked from the first bytes of each phrase only."""
+        self.setup()
+        return unpack_first_steps(self.packed, self.splits["train"])
 
     def val_phrases(self) -> torch.BoolTensor:
         """The whole validation split, unpacked: (N, 128, 57) bool (e.g. the real set of generative metrics)."""

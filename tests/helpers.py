@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pytorch_lightning as pl
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Per experiment, arguments that shrink one training step to seconds on a CPU.
@@ -16,15 +19,16 @@ QUICK = {
     "cnn_vae": ["trainer.max_epochs=1", "datamodule.batch_size=64", "callbacks.generation.n_samples=32",
                 "callbacks.generation.n_networks=2"],
     "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1"],
+    "music_transformer": ["trainer.max_epochs=1", "model.hidden=32", "model.layers=1", "model.feed_forward=64",
+                          "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
+    "musegan": ["trainer.max_epochs=1", "model.generator_width=32", "model.critic_width=16",
+                "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
     "mixer_paper": ["datamodule.batch_size=1", "trainer.precision=32-true"],
 }
 
 
 def save_checkpoint(module, path) -> str:
     """Save an (untrained) LightningModule so that ``Cls.load_from_checkpoint(path)`` restores it."""
-    import pytorch_lightning as pl
-    import torch
-
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": pl.__version__}, path)
     return str(path)
@@ -56,3 +60,17 @@ def run_train_subprocess(args: Sequence[str], devices: int = 2, timeout: float =
         tail = (result.stdout + result.stderr)[-6000:]
         raise AssertionError(f"{' '.join(command)} exited with {result.returncode}:\n{tail}")
     return result
+
+
+class ParametersAgreeAcrossRanks(pl.Callback):
+    """For multi-process tests: at the end of fitting, fail unless every rank holds the same parameters;
+    rank 0 then writes ``<default_root_dir>/ranks_agree.txt``. Add it to a run with
+    ``+callbacks.NAME._target_=tests.helpers.ParametersAgreeAcrossRanks``."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise AssertionError("parameters differ across ranks after training")
+        if trainer.is_global_zero:
+            Path(trainer.default_root_dir, "ranks_agree.txt").write_text(f"{trainer.world_size} ranks agree")

@@ -6,7 +6,8 @@
   MIDI File -> binary phrases (N, 128, 57).
 - :mod:`~datamodules.pianoroll.midi_writer`: ``phrases_to_midi``, phrases -> playable MIDI.
 - :mod:`~datamodules.pianoroll.cache`: ``pack_phrases`` / ``unpack_phrases`` (912 bytes a phrase, on any
-  device), ``write_phrase_cache`` / ``load_phrase_cache`` / ``load_phrases``.
+  device; ``unpack_first_steps`` reads step 0 alone), ``write_phrase_cache`` / ``load_phrase_cache`` /
+  ``load_phrases``.
 - :mod:`~datamodules.pianoroll.ingestion`: ``ingest`` (also ``python -m datamodules.pianoroll SRC OUT
   [--workers N]``), a folder of MIDI files -> a resumable cache of shards and a report of skips.
 - :mod:`~datamodules.pianoroll.synth`: ``render_phrases``, phrases -> audio with a small numpy synth.
@@ -17,6 +18,7 @@ from datamodules.pianoroll.cache import (
     load_phrase_cache,
     load_phrases,
     pack_phrases,
+    unpack_first_steps,
     unpack_phrases,
     write_phrase_cache,
 )

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "report.json"
 SHARD_PATTERN = "shard-{:06d}.npz"
+FIRST_STEP_BYTES = -(-N_COLUMNS // 8)  # packed bytes that hold step 0 of a phrase
 
 
 def pack_phrases(phrases: np.ndarray) -> np.ndarray:
@@ -24,15 +25,34 @@ def pack_phrases(phrases: np.ndarray) -> np.ndarray:
     return np.packbits(phrases.reshape(len(phrases), PHRASE_STEPS * N_COLUMNS), axis=1)
 
 
+def _bits(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., B) -> bool (..., 8 B), most significant bit first (``np.packbits`` order)."""
+    import torch  # here, not at the top: ingest worker processes start much faster without torch
+
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()
+
+
 def unpack_phrases(packed: torch.Tensor) -> torch.Tensor:
     """(N, 912) uint8 -> (N, 128, 57) bool, with torch ops on the tensor's own device."""
-    import torch  # here, not at the top: ingest worker processes start much faster without torch
+    import torch
 
     if packed.dtype != torch.uint8 or packed.shape[-1] != PACKED_BYTES:
         raise ValueError(f"expected uint8 (N, {PACKED_BYTES}), got {packed.dtype} {tuple(packed.shape)}")
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*packed.shape[:-1], PHRASE_STEPS, N_COLUMNS).bool()
+    return _bits(packed).reshape(*packed.shape[:-1], PHRASE_STEPS, N_COLUMNS)
+
+
+def unpack_first_steps(packed, index=None) -> torch.Tensor:
+    """Step 0 of packed phrases (N, 912) uint8 (only rows ``index``, when given) -> (N, 57) bool.
+
+    Reads only the first bytes of each row, so a large (or memory-mapped) cache is never unpacked whole.
+    """
+    import torch
+
+    head = torch.as_tensor(packed[:, :FIRST_STEP_BYTES])
+    if index is not None:
+        head = head[torch.as_tensor(index, dtype=torch.long)]
+    return _bits(head)[:, :N_COLUMNS]
 
 
 @dataclass
