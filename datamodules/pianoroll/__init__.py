@@ -6,13 +6,15 @@
   MIDI File -> binary phrases (N, 128, 57).
 - :mod:`~datamodules.pianoroll.midi_writer`: ``phrases_to_midi``, phrases -> playable MIDI.
 - :mod:`~datamodules.pianoroll.cache`: ``pack_phrases`` / ``unpack_phrases`` (912 bytes a phrase, on any
-  device), ``write_phrase_cache`` / ``load_phrase_cache`` / ``load_phrases``.
+  device), ``write_phrase_cache`` / ``load_phrase_cache`` (packed phrases read from disk on demand,
+  ``PackedShards``) / ``load_phrases``.
 - :mod:`~datamodules.pianoroll.ingestion`: ``ingest`` (also ``python -m datamodules.pianoroll SRC OUT
   [--workers N]``), a folder of MIDI files -> a resumable cache of shards and a report of skips.
 - :mod:`~datamodules.pianoroll.synth`: ``render_phrases``, phrases -> audio with a small numpy synth.
 """
 from datamodules.pianoroll.cache import (
     REPORT_NAME,
+    PackedShards,
     PhraseCache,
     load_phrase_cache,
     load_phrases,
