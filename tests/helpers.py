@@ -30,6 +30,18 @@ def save_checkpoint(module, path) -> str:
     return str(path)
 
 
+def load_packed_in_memory(cache) -> np.ndarray:
+    """A phrase cache's packed phrases, every shard loaded whole and concatenated: the plain
+    in-memory reading that the on-demand reading must reproduce."""
+    import json
+
+    import numpy as np
+
+    cache = Path(cache)
+    shards = json.loads((cache / "report.json").read_text())["shards"]
+    return np.concatenate([np.zeros((0, 912), np.uint8), *(np.load(cache / shard)["packed"] for shard in shards)])
+
+
 def run_train(args: Sequence[str]):
     """Run ``train.py`` in this process; return (trainer, module, datamodule, cfg)."""
     import train

@@ -17,6 +17,7 @@ from datamodules.pianoroll import (
     pack_phrases,
     write_phrase_cache,
 )
+from tests.helpers import load_packed_in_memory
 from tests.test_pianoroll import groove, song, write_midi
 
 BAD_FILES = {
@@ -172,18 +173,11 @@ def test_command_line(midi_folder, tmp_path, capsys):
     assert report["files_used"] == len(good) and "27 files, 20 used" in capsys.readouterr().out
 
 
-def _in_memory(cache_dir):
-    """Every shard's packed phrases loaded whole and concatenated (the plain in-memory reading)."""
-    report = json.loads((cache_dir / "report.json").read_text())
-    parts = [np.load(cache_dir / shard)["packed"] for shard in report["shards"]]
-    return np.concatenate([np.zeros((0, 912), np.uint8), *parts])
-
-
 def test_packed_shards_read_any_rows_as_the_in_memory_array(midi_folder, tmp_path, monkeypatch):
     root, _ = midi_folder
     ingest(root, tmp_path / "cache", chunk_size=4, progress=False)  # 7 shards, one without phrases
     cache = load_phrase_cache(tmp_path / "cache")
-    packed, expected = cache.packed, _in_memory(tmp_path / "cache")
+    packed, expected = cache.packed, load_packed_in_memory(tmp_path / "cache")
     assert packed.shape == expected.shape and len(packed.shards) == 7 and packed.nbytes == expected.nbytes
     rng = np.random.default_rng(0)
     random_rows = rng.integers(-len(expected), len(expected), size=200)  # repeats and negative rows
