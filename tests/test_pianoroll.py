@@ -251,6 +251,8 @@ def test_unpack_equals_numpy_unpackbits():
     assert unpacked.dtype == torch.bool
     np.testing.assert_array_equal(unpacked.numpy(), expected)
     np.testing.assert_array_equal(pack_phrases(expected), packed)
+    torch_packed = pack_phrases(torch.from_numpy(expected))  # torch in, torch out, same layout
+    assert torch_packed.dtype == torch.uint8 and torch.equal(torch_packed, torch.from_numpy(packed))
 
 
 @pytest.mark.parametrize(
