@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from framework.io import save_checkpoint  # noqa: F401  (tests save untrained modules with it)
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Per experiment, arguments that shrink one training step to seconds on a CPU.
@@ -18,16 +20,6 @@ QUICK = {
     "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1"],
     "mixer_paper": ["datamodule.batch_size=1", "trainer.precision=32-true"],
 }
-
-
-def save_checkpoint(module, path) -> str:
-    """Save an (untrained) LightningModule so that ``Cls.load_from_checkpoint(path)`` restores it."""
-    import pytorch_lightning as pl
-    import torch
-
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
-    return str(path)
 
 
 def load_packed_in_memory(cache) -> np.ndarray:
