@@ -181,32 +181,17 @@ _BASS_FIRST, _BASS_END = BASS_PROGRAMS.start, BASS_PROGRAMS.stop
 
 
 @numba.njit(cache=True, nogil=True)
-def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):  # pragma: no cover - compiled
-    """The song's (steps, 57) grid from the file bytes ``b`` and its track chunks, or a reason code.
+def _chosen_notes(b, track, delta, status, data_at, meta_type, meta_length, count, ticks_per_beat):  # pragma: no cover - compiled
+    """Check the meta events and pair the notes of the first drum and the first bass instrument.
 
-    Returns (scan error, reason code, grid); the grid is empty unless both codes are 0. One pass
-    over the events, track by track, pairs notes as pretty_midi does: a note-off (or a note-on of
-    velocity 0) closes every pending note-on of its track, channel and pitch that started at an
-    earlier tick, and if there is none it drops those that started at its own tick (zero-length
-    notes); the instrument of a note is (track, channel, program in force on that channel when it
-    closes, 0 before any change). The first drum and the first bass instrument are those whose
-    first note closes first. Then the grid: drum onsets on step floor(4 beats), bass from
-    floor(4 on) to ceil(4 off) - 1 (at least one step), lowest sounding pitch per step.
+    Returns (reason code, pitch, onset tick, offset tick, notes kept), the note arrays indexed
+    [0] for the drums and [1] for the bass. Notes pair as pretty_midi pairs them: a note-off (or a
+    note-on of velocity 0) closes every pending note-on of its track, channel and pitch that
+    began at an earlier tick, and if there is none it drops those that began at its own tick
+    (zero-length notes). A note's instrument is (track, channel, the program in force on that
+    channel when it closes, 0 before any change); the first drum and the first bass instrument
+    are those whose first note closes first.
     """
-    capacity = 1
-    for t in range(len(starts)):
-        capacity += (ends[t] - starts[t]) // 2  # every event takes at least two bytes
-    track = np.empty(capacity, np.int64)
-    delta = np.empty(capacity, np.int64)
-    status = np.empty(capacity, np.int64)
-    data_at = np.empty(capacity, np.int64)
-    meta_type = np.empty(capacity, np.int64)
-    meta_length = np.empty(capacity, np.int64)
-    count, error = _scan(b, starts, ends, data_bytes, track, delta, status, data_at, meta_type, meta_length)
-    no_grid = np.zeros((0, N_COLUMNS), np.bool_)
-    if error:
-        return error, 0, no_grid
-
     signatures = bad_signatures = bad_tempi = note_ons = 0
     last_note_tick = -1
     # Pending note-ons of each (channel, pitch) of the current track: a FIFO linked through next_on.
@@ -219,9 +204,9 @@ def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):
     program_track = np.full(16, -1, np.int64)
     chosen = np.full(2, -1, np.int64)  # instrument of the drums and of the bass: (track * 16 + channel) * 128 + program
     n_notes = np.zeros(2, np.int64)
-    note_pitch = np.empty((2, count), np.int64)
-    note_on = np.empty((2, count), np.int64)
-    note_off = np.empty((2, count), np.int64)
+    pitches = np.empty((2, count), np.int64)
+    onsets = np.empty((2, count), np.int64)
+    offsets = np.empty((2, count), np.int64)
     tick = 0
     for i in range(count):
         t = track[i]
@@ -257,10 +242,9 @@ def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):
             tail[key] = i
             continue
         current = program[channel] if program_track[channel] == t else 0
-        is_drum = channel == DRUM_CHANNEL
-        if is_drum:
+        if channel == DRUM_CHANNEL:
             role = 0
-        elif current >= _BASS_FIRST and current < _BASS_END:
+        elif _BASS_FIRST <= current < _BASS_END:
             role = 1
         else:
             role = -1
@@ -272,53 +256,62 @@ def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):
                     chosen[role] = instrument
                 if chosen[role] == instrument:
                     k = n_notes[role]
-                    note_pitch[role, k], note_on[role, k], note_off[role, k] = pitch, on_tick[head[key]], tick
+                    pitches[role, k], onsets[role, k], offsets[role, k] = pitch, on_tick[head[key]], tick
                     n_notes[role] = k + 1
             head[key] = next_on[head[key]]
             closed = True
         if not closed:  # an off that closes nothing drops the notes begun at its own tick
             head[key] = -1
 
+    reason = 0
     if signatures == 0:
-        return 0, 1, no_grid
-    if bad_signatures:
-        return 0, 2, no_grid
-    if bad_tempi:
-        return 0, 3, no_grid
-    if note_ons and STEPS_PER_BEAT * last_note_tick // ticks_per_beat > MAX_STEPS:
-        return 0, 4, no_grid
-    if n_notes[0] == 0:
-        return 0, 5, no_grid
-    if n_notes[1] == 0:
-        return 0, 6, no_grid
+        reason = 1
+    elif bad_signatures:
+        reason = 2
+    elif bad_tempi:
+        reason = 3
+    elif note_ons and STEPS_PER_BEAT * last_note_tick // ticks_per_beat > MAX_STEPS:
+        reason = 4
+    elif n_notes[0] == 0:
+        reason = 5
+    elif n_notes[1] == 0:
+        reason = 6
+    return reason, pitches, onsets, offsets, n_notes
 
+
+@numba.njit(cache=True, nogil=True)
+def _notes_grid(pitches, onsets, offsets, n_notes, ticks_per_beat, drum_class_of_note):  # pragma: no cover - compiled
+    """The (steps, 57) grid of the chosen notes: drum onsets on step floor(4 beats), bass from
+    floor(4 on) to ceil(4 off) - 1 (at least one step), the lowest sounding pitch per step; the
+    song spans step 0 to the last step either instrument occupies."""
     steps = 0
     for k in range(n_notes[0]):
-        if drum_class_of_note[note_pitch[0, k]] >= 0:
-            steps = max(steps, STEPS_PER_BEAT * note_on[0, k] // ticks_per_beat + 1)
-    # Bass notes in range as +1 at their first step and -1 after their last, listed per step.
+        if drum_class_of_note[pitches[0, k]] >= 0:
+            steps = max(steps, STEPS_PER_BEAT * onsets[0, k] // ticks_per_beat + 1)
+    # Bass notes in range as +1 at their first step and -1 after their last.
     n_changes = 0
     change_pitch = np.empty(2 * n_notes[1], np.int64)
     change_sign = np.empty(2 * n_notes[1], np.int64)
     change_step = np.empty(2 * n_notes[1], np.int64)
     for k in range(n_notes[1]):
-        if BASS_LOWEST <= note_pitch[1, k] <= BASS_HIGHEST:
-            on = STEPS_PER_BEAT * note_on[1, k] // ticks_per_beat
-            off = max(-(-STEPS_PER_BEAT * note_off[1, k] // ticks_per_beat), on + 1)
+        if BASS_LOWEST <= pitches[1, k] <= BASS_HIGHEST:
+            on = STEPS_PER_BEAT * onsets[1, k] // ticks_per_beat
+            off = max(-(-STEPS_PER_BEAT * offsets[1, k] // ticks_per_beat), on + 1)
             steps = max(steps, off)
-            change_pitch[n_changes], change_sign[n_changes], change_step[n_changes] = note_pitch[1, k] - BASS_LOWEST, 1, on
-            change_pitch[n_changes + 1], change_sign[n_changes + 1], change_step[n_changes + 1] = note_pitch[1, k] - BASS_LOWEST, -1, off
+            change_pitch[n_changes], change_sign[n_changes], change_step[n_changes] = pitches[1, k] - BASS_LOWEST, 1, on
+            change_pitch[n_changes + 1], change_sign[n_changes + 1], change_step[n_changes + 1] = pitches[1, k] - BASS_LOWEST, -1, off
             n_changes += 2
     grid = np.zeros((steps, N_COLUMNS), np.bool_)
     for k in range(n_notes[0]):
-        column = drum_class_of_note[note_pitch[0, k]]
+        column = drum_class_of_note[pitches[0, k]]
         if column >= 0:
-            grid[STEPS_PER_BEAT * note_on[0, k] // ticks_per_beat, column] = True
+            grid[STEPS_PER_BEAT * onsets[0, k] // ticks_per_beat, column] = True
+    # The changes listed per step; sweeping the steps, the lowest sounding pitch can only change
+    # where a note starts or ends.
     first_change = np.full(steps + 1, -1, np.int64)
     next_change = np.empty(n_changes, np.int64)
     for c in range(n_changes):
         next_change[c], first_change[change_step[c]] = first_change[change_step[c]], c
-    # Sweep the steps; the lowest sounding pitch can only change where a note starts or ends.
     sounding = np.zeros(N_BASS_PITCHES, np.int64)
     lowest = -1
     for step in range(steps):
@@ -334,7 +327,33 @@ def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):
                     break
         if lowest >= 0:
             grid[step, N_DRUM_CLASSES + lowest] = True
-    return 0, 0, grid
+    return grid
+
+
+@numba.njit(cache=True, nogil=True)
+def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):  # pragma: no cover - compiled
+    """The song's (steps, 57) grid from the file bytes ``b`` and its track chunks ``b[starts[t]:ends[t]]``.
+
+    Returns (scan error, reason code, grid); the grid is empty unless both codes are 0.
+    """
+    capacity = 1
+    for t in range(len(starts)):
+        capacity += (ends[t] - starts[t]) // 2  # every event takes at least two bytes
+    track = np.empty(capacity, np.int64)
+    delta = np.empty(capacity, np.int64)
+    status = np.empty(capacity, np.int64)
+    data_at = np.empty(capacity, np.int64)
+    meta_type = np.empty(capacity, np.int64)
+    meta_length = np.empty(capacity, np.int64)
+    count, error = _scan(b, starts, ends, data_bytes, track, delta, status, data_at, meta_type, meta_length)
+    if error:
+        return error, 0, np.zeros((0, N_COLUMNS), np.bool_)
+    reason, pitches, onsets, offsets, n_notes = _chosen_notes(
+        b, track, delta, status, data_at, meta_type, meta_length, count, ticks_per_beat
+    )
+    if reason:
+        return 0, reason, np.zeros((0, N_COLUMNS), np.bool_)
+    return 0, 0, _notes_grid(pitches, onsets, offsets, n_notes, ticks_per_beat, drum_class_of_note)
 
 
 @numba.njit(cache=True, nogil=True)
