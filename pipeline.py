@@ -11,7 +11,8 @@ outputs all land in ``run_dir``:
     codes/      VQ-VAE code cache
     generated/  MIDI loops, pianoroll grid, WAV previews, summary
     evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
-    mixer/ mixes/   the automatic-mixing steps: mixer training run, mixes of the dry songs
+    mixer/ wave_u_net/ mixes/ evaluation_mix/   the automatic-mixing steps: the mixer and its
+                Wave-U-Net baseline, mixes of the dry songs, and the objective table on the test songs
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig
 
 import evaluate
+import evaluate_mix
 import generate
 import mix
 import train
@@ -61,6 +63,9 @@ class Pipeline:
         best = callback.best_model_path if callback.monitor else ""
         return best or str(self.path(step) / "checkpoints" / "last.ckpt")
 
+    def _device(self) -> str:
+        return "cuda" if self.cfg.accelerator in ("gpu", "cuda") else "cpu"
+
     def detector(self) -> None:
         cfg = self.cfg
         if cfg.labels:
@@ -81,7 +86,7 @@ class Pipeline:
     def encode(self) -> None:
         ckpt = self.checkpoints["vqvae"]
         print(f"    python -m datamodules.codes encode --ckpt {ckpt} --phrases {self.path('loops')} --out {self.path('codes')}")
-        device = "cuda" if self.cfg.accelerator in ("gpu", "cuda") else "cpu"
+        device = self._device()
         model = VQVAE.load_from_checkpoint(ckpt, map_location=device)
         encode_phrase_cache(model, self.path("loops"), self.path("codes"), device=device, vqvae_ckpt=ckpt)
 
@@ -110,6 +115,18 @@ class Pipeline:
         self.checkpoints["mixer"] = self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
                                               f"datamodule.cache={self.cfg.normalised}")
 
+    def wave_u_net(self) -> None:
+        self.checkpoints["wave_u_net"] = self._train("wave_u_net", "mixer_wave_u_net", f"datamodule.root={self.cfg.multitrack}",
+                                                   f"datamodule.cache={self.cfg.normalised}")
+
+    def evaluate_mix(self) -> None:
+        baselines = [self.checkpoints[name] for name in ("wave_u_net",) if name in self.checkpoints]
+        argv = [f"ckpt={self.checkpoints['mixer']}", f"baseline=[{','.join(baselines)}]",
+                f"songs={Path(self.cfg.multitrack) / 'test'}", f"cache={Path(self.cfg.normalised) / 'test'}",
+                f"out={self.path('evaluation_mix')}", f"device={self._device()}", *self.args.evaluate_mix]
+        print(f"    python evaluate_mix.py {' '.join(argv)}")
+        _check(evaluate_mix.main(argv), "evaluate_mix.py")
+
     def mix(self) -> None:
         songs = sorted(p for p in Path(self.cfg.dry).iterdir() if p.is_dir())
         if not songs:
@@ -120,7 +137,8 @@ class Pipeline:
             _check(mix.main(argv), "mix.py")
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "generate", "evaluate", "mixer", "mix")
+        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "generate", "evaluate", "mixer", "wave_u_net",
+                 "mix", "evaluate_mix")
         unknown = [s for s in self.cfg.steps if s not in valid]
         if unknown:
             raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")
@@ -149,7 +167,8 @@ def run(argv: Sequence[str]) -> Pipeline:
                          ("evaluation tables", root / "evaluation"),
                          ("rejection sweep plot", root / "evaluation" / "rejection.png"),
                          ("detector analysis", root / "detector" / "loop_analysis"),
-                         ("mixes of the dry songs", root / "mixes")]:
+                         ("mixes of the dry songs", root / "mixes"),
+                         ("mixing evaluation", root / "evaluation_mix")]:
         if where.exists():
             print(f"  {label:22s} {where}")
     return pipeline

@@ -28,13 +28,17 @@ def test_loop_generation_chain_runs_end_to_end(demo_root, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_mixing_steps_train_a_mixer_and_mix_every_dry_song(multitrack_root, tmp_path):
+def test_mixing_steps_train_both_mixers_mix_every_dry_song_and_evaluate_them(multitrack_root, tmp_path, capsys):
     root = tmp_path / "run"
     pipeline.run([f"run_dir={root}", f"multitrack={multitrack_root}/multitrack", f"dry={multitrack_root}/dry",
-                  f"normalised={tmp_path}/normalised", "steps=[mixer,mix]", "scale=tiny", "accelerator=cpu",
-                  "logger=none"])
+                  f"normalised={tmp_path}/normalised", "steps=[mixer,wave_u_net,mix,evaluate_mix]", "scale=tiny",
+                  "accelerator=cpu", "logger=none"])
     songs = sorted(p.name for p in (multitrack_root / "dry").iterdir())
     assert sorted(p.stem for p in (root / "mixes").glob("*.wav")) == songs
+    with open(root / "evaluation_mix" / "table.csv") as handle:
+        rows = {row["system"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["target", "sum", "fxnorm", "wave_u_net"] and float(rows["target"]["mape_mean"]) == 0
+    assert "Objective evaluation of the mixes" in capsys.readouterr().out
 
 
 def test_unknown_step_or_scale_fails_naming_the_valid_ones(tmp_path):
