@@ -8,7 +8,10 @@ paper's share of phrases (751,935 of 5,687,274). Then, each in processes of its 
 1. extraction, ``train.py experiment=extract_loops`` on ``--devices`` CPU processes (DDP over gloo);
 2. evaluation, ``evaluate.py`` against a training cache of 751,935 loops (``--loops N``), the paper's
    subset sizes (n = 10,000 phrases per model, 10,000 per side for P/R/D/C) and small untrained
-   generators (their size does not depend on the data; ``--eval-arg key=value`` adds overrides).
+   generators (their size does not depend on the data). To keep the run short on a CPU it averages
+   2 random CNNs instead of 10 and has one prior row and a 3-threshold rejection sweep of the
+   CNN-VAE; every repeat and row holds the same data, so memory is that of the full protocol
+   (``--eval-arg key=value`` restores any setting, e.g. ``--eval-arg n_networks=10``).
 
 Every Python process of a stage, DDP children included, records its own peak resident set
 (``VmHWM``) when it exits, through a ``sitecustomize`` hook on ``PYTHONPATH``. Targets:
