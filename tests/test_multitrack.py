@@ -285,3 +285,21 @@ def test_every_rank_gets_a_test_song_even_when_there_are_fewer_songs_than_ranks(
 
     assert [shard(5, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
     assert [shard(1, r, 2) for r in (0, 1)] == [[0], [0]]
+
+
+@pytest.mark.parametrize("experiment", ["mixer", "mixer_paper", "mixer_pretrain"])
+def test_fxnorm_segments_are_whole_pooling_windows(experiment):
+    from framework.build import instantiate
+    from framework.config import compose
+
+    cfg = compose([f"experiment={experiment}"])
+    datamodule = instantiate(cfg.datamodule, "datamodule")
+    assert datamodule.segment % cfg.model.net.pool == 0
+    assert 0 <= round(cfg.datamodule.segment_seconds * cfg.datamodule.sr) - datamodule.segment < cfg.model.net.pool
+    if experiment == "mixer_paper":
+        assert datamodule.segment == 440_960  # 6,890 pooling windows of 64 samples
+
+
+def test_a_segment_shorter_than_its_multiple_is_refused():
+    with pytest.raises(ValueError, match="segment_multiple=64"):
+        MultitrackDataModule(segment_seconds=0.001, segment_multiple=64)
