@@ -150,6 +150,7 @@ def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
 
 
 def load_training(cfg: DictConfig):
+    """The training cache's packed phrases, left on disk: the evaluation reads only the rows it draws."""
     try:
         return load_phrase_cache(cfg.training).packed
     except FileNotFoundError as err:

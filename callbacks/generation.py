@@ -11,7 +11,7 @@ from torchmetrics import Metric
 
 from callbacks.media import log_media, pianoroll_grid, write_previews
 from callbacks.metrics import GenerativeMetrics, LoopScore, NoteDensity, UniquePitch
-from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS
+from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS, pack_phrases
 from datamodules.pianoroll.synth import DEFAULT_SR
 from framework.io import atomic_path
 from framework.seeding import sampling_generator
@@ -23,7 +23,9 @@ class GenerationMetrics(pl.Callback):
 
     Protocol the LightningModule must follow: ``pl_module.sample(n, generator) -> Tensor``, bool
     ``(n, 128, 57)`` phrases drawn with ``generator`` (a ``torch.Generator`` on the module's
-    device); the datamodule must offer ``val_phrases() -> Tensor``, the bool validation phrases.
+    device); the datamodule must offer ``val_phrases() -> Tensor``, the bool validation phrases, or
+    ``val_packed() -> Tensor``, the same bit-packed (N, 912) uint8, which is preferred: the phrases
+    then stay packed until ``GenerativeMetrics`` draws its subsets.
 
     Each rank draws its share of ``n_samples`` with
     ``sampling_generator(seed + epoch, global_rank, device)``, so ranks draw different samples and
@@ -90,14 +92,17 @@ class GenerationMetrics(pl.Callback):
         return self.enabled and not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _real_shard(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
-        """This rank's validation phrases (every world_size-th) and their positions, read once."""
+        """This rank's validation phrases (every world_size-th), bit-packed, and their positions, read once."""
         if self._real is None:
             datamodule = trainer.datamodule
-            if not hasattr(datamodule, "val_phrases"):
+            if hasattr(datamodule, "val_packed"):
+                packed = datamodule.val_packed()
+            elif hasattr(datamodule, "val_phrases"):
+                packed = pack_phrases(torch.as_tensor(datamodule.val_phrases()).bool())
+            else:
                 raise AttributeError(f"GenerationMetrics needs {type(datamodule).__name__}.val_phrases()")
-            phrases = torch.as_tensor(datamodule.val_phrases()).bool()
-            index = torch.arange(trainer.global_rank, len(phrases), trainer.world_size)
-            self._real = phrases[index], index
+            index = torch.arange(trainer.global_rank, len(packed), trainer.world_size)
+            self._real = packed[index], index
         return self._real
 
     def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:

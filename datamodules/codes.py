@@ -4,13 +4,16 @@ Layout of a code cache folder (written atomically, all or nothing)::
 
     codes.npy                       (N, S) int16   code indices per phrase (S = 32)
     first_index_distribution.npy    (K,)   float64 empirical distribution of codes[:, 0]
+    sources.npz                     the phrase behind each row: ``files`` (F,) str, ``file_index`` (N,)
+                                    int32, ``start_bars`` (N,) int64 (the song-level split reads them)
     meta.json                       {"vqvae_ckpt", "phrases", "num_phrases", "num_codes", "code_steps"}
 
 Build one with::
 
     python -m datamodules.codes encode --ckpt VQVAE.ckpt --phrases PHRASE_CACHE --out CODE_CACHE
 
-``CodeDataModule`` serves (B, S) LongTensor batches of it to the autoregressive prior.
+``CodeDataModule`` serves (B, S) LongTensor batches of it to the autoregressive prior, split by
+song as the phrase DataModule splits phrases.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from tqdm import tqdm
 
 from datamodules.pianoroll import load_phrase_cache, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
+from datamodules.splits import describe_split, song_split
 from framework.io import atomic_path
 from lightning_modules.vqvae import VQVAE
 
 CODES_FILE = "codes.npy"
 FIRST_INDEX_FILE = "first_index_distribution.npy"
+SOURCES_FILE = "sources.npz"
 META_FILE = "meta.json"
 CODE_DTYPE = np.int16
 
@@ -90,6 +95,7 @@ def encode_phrase_cache(
         tmp.mkdir()
         np.save(tmp / CODES_FILE, codes)
         np.save(tmp / FIRST_INDEX_FILE, empirical_first_index_distribution(codes, vqvae.num_codes))
+        np.savez(tmp / SOURCES_FILE, files=cache.files, file_index=cache.file_index, start_bars=cache.start_bars)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -121,6 +127,18 @@ def load_codes(codes_dir: str | Path) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(distribution)
 
 
+def load_source_index(codes_dir: str | Path) -> np.ndarray:
+    """(N,) int: the source file of each code sequence, as an index into the cache's ``files``."""
+    path = Path(codes_dir) / SOURCES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {codes_dir} does not say which song each code sequence comes from, so it "
+            f"cannot be split by song. Encode the phrases again with `python -m datamodules.codes encode ...`."
+        )
+    with np.load(path) as sources:
+        return sources["file_index"]
+
+
 class _CodeRows(Dataset):
     """Rows of a (N, S) code tensor; ``__getitems__`` serves a whole batch with one indexing operation."""
 
@@ -143,7 +161,11 @@ def _whole_batch(batch: Tensor) -> Tensor:
 
 
 class CodeDataModule(pl.LightningDataModule):
-    """(B, S) LongTensor batches of a code cache, split ``val_fraction`` for validation by a seeded shuffle.
+    """(B, S) LongTensor batches of a code cache; ``val_fraction`` of them validate, as whole songs.
+
+    Every code sequence of a source file lies in one split (:func:`datamodules.splits.song_split`,
+    seeded with ``seed``), so the prior is validated on songs it never saw; ``splits`` holds the
+    row indices of each split.
 
     ``num_codes`` and ``vqvae_ckpt`` come from meta.json; ``first_index_distribution`` is the
     empirical distribution of the first index over the training split (the prior's z_0).
@@ -160,6 +182,7 @@ class CodeDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_codes: Tensor | None = None
         self.val_codes: Tensor | None = None
+        self.splits: dict[str, np.ndarray] = {}
 
     @cached_property
     def meta(self) -> dict:
@@ -173,20 +196,27 @@ class CodeDataModule(pl.LightningDataModule):
     def vqvae_ckpt(self) -> str | None:
         return self.meta["vqvae_ckpt"]
 
-    def _split(self) -> tuple[Tensor, Tensor]:
-        codes, _ = load_codes(self.codes_dir)
-        order = torch.randperm(len(codes), generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(round(len(codes) * self.val_fraction))
-        if len(codes) - n_val < 1:
-            raise ValueError(f"{self.codes_dir}: {len(codes)} code sequences leave none for training.")
-        return codes[order[n_val:]], codes[order[:n_val]]
+    def _song_split(self, n_codes: int) -> dict[str, np.ndarray]:
+        source_index = load_source_index(self.codes_dir)
+        if len(source_index) != n_codes:
+            raise ValueError(f"{self.codes_dir}: {n_codes} code sequences but {len(source_index)} sources.")
+        splits = song_split(source_index, {"val": self.val_fraction}, self.seed)
+        if len(splits["train"]) < 1 or (self.val_fraction > 0 and len(splits["val"]) < 1):
+            raise ValueError(
+                f"{self.codes_dir}: {n_codes} code sequences are too few for val_fraction={self.val_fraction} "
+                f"by song ({describe_split(splits, source_index)})."
+            )
+        return splits
 
     def prepare_data(self) -> None:
         load_meta(self.codes_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_codes is None:
-            self.train_codes, self.val_codes = self._split()
+        if self.train_codes is not None:
+            return
+        codes, _ = load_codes(self.codes_dir)
+        self.splits = self._song_split(len(codes))
+        self.train_codes, self.val_codes = (codes[torch.from_numpy(self.splits[name])] for name in ("train", "val"))
 
     @cached_property
     def first_index_distribution(self) -> Tensor:

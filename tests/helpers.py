@@ -10,6 +10,8 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 
+from framework.io import save_checkpoint  # noqa: F401  (tests save untrained modules with it)
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Per experiment, arguments that shrink one training step to seconds on a CPU.
@@ -27,11 +29,16 @@ QUICK = {
 }
 
 
-def save_checkpoint(module, path) -> str:
-    """Save an (untrained) LightningModule so that ``Cls.load_from_checkpoint(path)`` restores it."""
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
-    return str(path)
+def load_packed_in_memory(cache) -> np.ndarray:
+    """A phrase cache's packed phrases, every shard loaded whole and concatenated: the plain
+    in-memory reading that the on-demand reading must reproduce."""
+    import json
+
+    import numpy as np
+
+    cache = Path(cache)
+    shards = json.loads((cache / "report.json").read_text())["shards"]
+    return np.concatenate([np.zeros((0, 912), np.uint8), *(np.load(cache / shard)["packed"] for shard in shards)])
 
 
 def run_train(args: Sequence[str]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,14 +16,14 @@ from callbacks.evaluation import (
     scientific,
 )
 from callbacks.metrics import GenerativeMetrics, note_density, unique_pitch
-from datamodules.pianoroll import load_phrase_cache, pack_phrases, write_phrase_cache
+from datamodules.pianoroll import load_phrase_cache, pack_phrases, unpack_phrases, write_phrase_cache
 from framework.seeding import sampling_generator
 from lightning_modules.cnn_vae import CNNVAE
 from lightning_modules.loop_detector import LoopDetector
 from lightning_modules.musegan import MuseGAN
 from lightning_modules.music_transformer import MusicTransformer
 from lightning_modules.prior import generate_loops
-from tests.helpers import save_checkpoint
+from tests.helpers import load_packed_in_memory, save_checkpoint
 from tests.test_prior import save_tiny_vqvae, tiny_prior
 
 TOP_K = "VQ-VAE+LSTM (top-k sampling=30)"
@@ -217,3 +218,36 @@ def test_missing_training_cache_and_occupied_output_fail_clearly(tmp_path, capsy
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert evaluate.main([f"training={tmp_path / 'none'}", f"out={tmp_path / 'out'}"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+class Resampler:
+    """A stand-in generator in ``generate_loops``' protocol that draws phrases of a packed set (so P/R/D/C are not 0)."""
+
+    def __init__(self, packed: np.ndarray):
+        self.packed = torch.from_numpy(packed)
+        self.hparams = SimpleNamespace(seq_len=1)
+
+    def sample_codes(self, n, generator, batch_size=None):
+        return torch.randint(len(self.packed), (n, 1), generator=generator)
+
+    def decode(self, codes, batch_size=None):
+        return unpack_phrases(self.packed[codes[:, 0]])
+
+
+def test_rows_are_the_same_from_the_cache_on_disk_and_in_memory(phrase_cache):
+    """Demo phrases: every table value read on demand equals the one from the whole cache in memory."""
+    in_memory = load_packed_in_memory(phrase_cache)
+    torch.manual_seed(2)
+    detector = LoopDetector(pretrain_epochs=1, svdd_epochs=1).eval()
+    detector.center.fill_(0.5)
+    source = LoopSource("copies", Resampler(in_memory[::3]))
+    rows = []
+    for training in (load_phrase_cache(phrase_cache).packed, in_memory):
+        evaluation = Evaluation(training, 300, seed=3, detector=detector, batch_size=128, max_rounds=3,
+                                n_networks=2, max_samples=250, progress=False)
+        rows.append([evaluation.training_row(), evaluation.row(source), evaluation.row(source, threshold=0.25)])
+    assert rows[0][1]["precision"] > 0.5 and 0 < rows[0][2]["acceptance_rate"] < 1
+    for on_disk, in_ram in zip(*rows):
+        assert on_disk.keys() == in_ram.keys()
+        assert all(on_disk[key] == in_ram[key] or (math.isnan(on_disk[key]) and math.isnan(in_ram[key]))
+                   for key in on_disk if key not in ("model", "threshold"))

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import GenerationMetrics
 from callbacks.metrics import GenerativeMetrics, note_density, unique_pitch
+from datamodules.pianoroll import unpack_phrases
 from framework.seeding import sampling_generator
 
 KEYS = {
@@ -172,7 +173,7 @@ def test_ranks_share_samples_and_validation_phrases_without_overlap():
         trainer = SimpleNamespace(global_rank=rank, world_size=2, current_epoch=0, datamodule=datamodule)
         fake, fake_index = callback._generate(trainer, module)
         real, real_index = callback._real_shard(trainer)
-        assert torch.equal(real, datamodule.phrases[real_index])
+        assert torch.equal(unpack_phrases(real), datamodule.phrases[real_index])
         fakes.append(fake)
         fake_indices.append(fake_index)
         real_indices.append(real_index)

@@ -3,8 +3,8 @@
 A system is given by a path, or by a mapping ``{path: ..., class: ..., sampling: {...}}``:
 
 - a phrase cache folder (``report.json`` and shards: the training set, the extracted loops); a
-  draw reads the shard headers and then only the shards that hold the drawn phrases, so drawing
-  from a cache of millions of phrases costs the memory of one shard;
+  draw reads only the drawn phrases from the shard files, so drawing from a cache of millions of
+  phrases costs the memory of the draw;
 - a ``generate.py`` output folder (its ``phrases.npz``), or such an ``.npz`` file;
 - a generator checkpoint (``.ckpt``) of any class with ``sample(n, generator)`` and
   ``load_from_checkpoint`` (CNN-VAE, LSTM prior, Music Transformer, MuseGAN). The class is the
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 
-from datamodules.pianoroll import N_COLUMNS, PACKED_BYTES, PHRASE_STEPS, REPORT_NAME
+from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS, REPORT_NAME, load_phrase_cache
 from framework.config import ConfigError
 
 SPEC_KEYS = ("path", "class", "sampling")
@@ -60,18 +60,9 @@ class PackedPhrases:
         return unpack(self.packed[draw_indices(len(self.packed), n, seed)])
 
 
-def packed_rows(shard: Path) -> int:
-    """How many phrases a cache shard holds, read from the ``packed`` array's header alone."""
-    with zipfile.ZipFile(shard) as archive, archive.open("packed.npy") as member:
-        major, _ = np.lib.format.read_magic(member)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(member)
-    return shape[0]
-
-
 @dataclass
 class PhraseCacheFolder:
-    """A phrase cache folder, read shard by shard."""
+    """A phrase cache folder; a draw reads only the drawn rows."""
 
     path: Path
     description: str = ""
@@ -85,21 +76,13 @@ class PhraseCacheFolder:
         shards = report.get("shards") if isinstance(report, dict) else None
         if not isinstance(shards, list):
             raise ConfigError(f"phrase cache {self.path}: {REPORT_NAME} lists no shards")
-        self.shards = [self.path / str(name) for name in shards]
 
     def draw(self, n: int, seed: int) -> np.ndarray:
         try:
-            starts = np.cumsum([0] + [packed_rows(shard) for shard in self.shards])
-            chosen = draw_indices(starts[-1], n, seed)
-            shard_of = np.searchsorted(starts, chosen, side="right") - 1
-            packed = np.zeros((len(chosen), PACKED_BYTES), dtype=np.uint8)
-            for shard in np.unique(shard_of):
-                rows = np.flatnonzero(shard_of == shard)
-                with np.load(self.shards[shard]) as arrays:
-                    packed[rows] = arrays["packed"][chosen[rows] - starts[shard]]
+            packed = load_phrase_cache(self.path).packed
+            return unpack(packed[draw_indices(len(packed), n, seed)])
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
             raise ConfigError(f"phrase cache {self.path} cannot be read: {err}") from err
-        return unpack(packed)
 
 
 @dataclass
