@@ -205,7 +205,10 @@ def default_workers(devices: int = 1) -> int:
 
 class MultitrackDataModule(pl.LightningDataModule):
     """See the module docstring. ``num_workers=None`` uses :func:`default_workers`; ``stages`` are
-    the trainer stages the run will call, so that a missing ``test/`` fails before training."""
+    the trainer stages the run will call, so that a missing ``test/`` fails before training.
+    ``segment_multiple`` rounds the segment length down to a multiple of that many samples: the
+    network's pooling factor (64 for the FxNorm mixer: 10 s -> 440,960 samples), so that no
+    training segment is zero-padded inside the network."""
 
     def __init__(
         self,
@@ -213,6 +216,7 @@ class MultitrackDataModule(pl.LightningDataModule):
         features: str | None = None,
         cache: str | None = None,
         segment_seconds: float = 10.0,
+        segment_multiple: int = 1,
         sr: int = 44100,
         batch_size: int = 4,
         val_songs: float | Sequence[str] = 0.14,
@@ -227,7 +231,9 @@ class MultitrackDataModule(pl.LightningDataModule):
         self.root = Path(root)
         self.cache = Path(cache) if cache else self.root.with_name(self.root.name + "_fxnorm")
         self.features = Path(features) if features else self.cache / "features.npz"
-        self.segment = int(round(segment_seconds * sr))
+        if segment_multiple < 1 or round(segment_seconds * sr) < segment_multiple:
+            raise ValueError(f"segment_seconds={segment_seconds} at {sr} Hz is shorter than segment_multiple={segment_multiple}")
+        self.segment = int(round(segment_seconds * sr)) // segment_multiple * segment_multiple
         self.sr, self.batch_size, self.seed, self.data_seed = sr, batch_size, seed, data_seed
         self.val_songs, self.num_workers, self.segments_per_epoch = val_songs, num_workers, segments_per_epoch
         self.demo_root = Path(demo_root) if demo_root else None

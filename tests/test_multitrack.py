@@ -238,6 +238,22 @@ def test_command_line_fit_and_normalize(demo, tmp_path):
     assert (tmp_path / "out" / "dry_000" / "vocals.wav").stat().st_mtime_ns == mtime  # resumed, not redone
 
 
+@pytest.mark.parametrize("defect", ["no songs folder", "no features file", "another normalisation"])
+def test_command_line_errors_are_one_line_naming_the_file(demo, tmp_path, capsys, defect):
+    songs, out, features = demo / "dry", tmp_path / "out", "musdb18"
+    if defect == "no songs folder":
+        songs = tmp_path / "missing"
+    elif defect == "no features file":
+        features = str(tmp_path / "missing.npz")
+    else:
+        fxnorm_main(["normalize", "--features", features, "--songs", str(songs), "--out", str(out), "--inference"])
+        capsys.readouterr()
+    assert fxnorm_main(["normalize", "--features", features, "--songs", str(songs), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    named = {"no songs folder": songs, "no features file": features, "another normalisation": out}[defect]
+    assert len(error) == 1 and str(named) in error[0], error
+
+
 def test_cache_refuses_stems_of_another_normalisation(demo, tmp_path):
     """Resuming into a cache filled with other features, reverb mode or seed is an error naming
     the folder and what changed, so a cache never mixes two normalisations."""
@@ -269,3 +285,21 @@ def test_every_rank_gets_a_test_song_even_when_there_are_fewer_songs_than_ranks(
 
     assert [shard(5, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
     assert [shard(1, r, 2) for r in (0, 1)] == [[0], [0]]
+
+
+@pytest.mark.parametrize("experiment", ["mixer", "mixer_paper", "mixer_pretrain"])
+def test_fxnorm_segments_are_whole_pooling_windows(experiment):
+    from framework.build import instantiate
+    from framework.config import compose
+
+    cfg = compose([f"experiment={experiment}"])
+    datamodule = instantiate(cfg.datamodule, "datamodule")
+    assert datamodule.segment % cfg.model.net.pool == 0
+    assert 0 <= round(cfg.datamodule.segment_seconds * cfg.datamodule.sr) - datamodule.segment < cfg.model.net.pool
+    if experiment == "mixer_paper":
+        assert datamodule.segment == 440_960  # 6,890 pooling windows of 64 samples
+
+
+def test_a_segment_shorter_than_its_multiple_is_refused():
+    with pytest.raises(ValueError, match="segment_multiple=64"):
+        MultitrackDataModule(segment_seconds=0.001, segment_multiple=64)
