@@ -17,6 +17,7 @@ outputs all land in ``run_dir``:
 """
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from pathlib import Path
@@ -163,18 +164,29 @@ def _check(returncode: int, what: str) -> None:
         raise RuntimeError(f"{what} exited with {returncode}")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: the budget a step costs,
+    which wall time on a shared machine does not show."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run(argv: Sequence[str]) -> Pipeline:
     cfg = load_config(CONFIG, argv)
     if cfg.scale not in cfg.scales:
         raise ConfigError(f"scale={cfg.scale!r}; choose one of: {', '.join(cfg.scales)}.")
     pipeline = Pipeline(cfg)
     steps = pipeline.steps()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), cpu_seconds()
+
+    def elapsed() -> str:
+        return f"{time.monotonic() - started:.0f} s elapsed, {cpu_seconds() - cpu_started:.0f} s CPU"
+
     for number, (name, step) in enumerate(steps, 1):
-        print(f"\n[{number}/{len(steps)}] {name}  ({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        print(f"\n[{number}/{len(steps)}] {name}  ({elapsed()})", flush=True)
         step()
     root = pipeline.root
-    print(f"\nDone in {time.monotonic() - started:.0f} s. Outputs in {root}:")
+    print(f"\nDone ({elapsed()}). Outputs in {root}:")
     for label, where in [("generated MIDI loops", root / "generated" / "midi"),
                          ("pianorolls", root / "generated" / "pianorolls.png"),
                          ("evaluation tables", root / "evaluation"),
