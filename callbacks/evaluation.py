@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from callbacks.metrics import PRDC_KEYS, GenerativeMetrics, note_density, unique_pitch
 from datamodules.pianoroll import PACKED_BYTES, unpack_phrases
+from framework.devices import module_device
 from framework.seeding import sampling_generator
 from lightning_modules.prior import GeneratedLoops, generate_loops
 from lightning_modules.vqvae import threshold as binarise
@@ -59,12 +60,12 @@ class LatentSampler:
 
     @torch.no_grad()
     def sample_codes(self, n: int, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
-        return torch.randn(n, self.hparams.seq_len, generator=generator, device=self.vae.device)
+        return torch.randn(n, self.hparams.seq_len, generator=generator, device=module_device(self.vae))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int | None = None) -> Tensor:
         parts = latents.split(batch_size or max(len(latents), 1))
-        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(self.vae.device)))) for part in parts])
+        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(module_device(self.vae))))) for part in parts])
 
 
 @dataclass

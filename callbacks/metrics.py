@@ -4,6 +4,9 @@ Phrases are ``(N, 128, 57)`` bool or float tensors: 128 steps (8 bars of 16 step
 (9 drum classes, then 48 bass pitches). The functional forms compute one batch; the torchmetrics
 classes accumulate over batches and ranks.
 
+Every computation runs in float32 (autocast switched off), so the values do not depend on the
+training precision, and on the device of its inputs.
+
 Distributed use: every class accepts an optional per-sample ``index`` (int64, ``-1`` = no index).
 States are gathered across ranks with ``dist_reduce_fx="cat"``; ``compute()`` then keeps one entry
 per index value (the first after a stable sort by index), so the duplicates a ``DistributedSampler``
@@ -25,6 +28,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.correlation import c_midi
 from datamodules.pianoroll import BARS_PER_PHRASE, N_COLUMNS, PHRASE_STEPS, STEPS_PER_BAR, unpack_phrases
+from framework.devices import autocast_disabled
 from lightning_modules.nets.conv_stacks import conv_block
 
 EMBEDDING_DIM = 128
@@ -123,11 +127,12 @@ def _error_scale(dim: int) -> float:
 
 @contextlib.contextmanager
 def _full_precision_float32_matmul() -> Iterator[None]:
-    """Float32 matmuls in float32 (no TF32 or bfloat16 shortcuts), which the error bound assumes."""
+    """Float32 matmuls in float32 (no autocast, TF32 or bfloat16 shortcuts), which the error bound assumes."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        yield
+        with autocast_disabled():
+            yield
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -300,7 +305,7 @@ def _strict_bound(squared_radii: Tensor, floor: float) -> Tensor:
     """
     radius = squared_radii.to(torch.float32).sqrt()
     candidate = radius.double().square().to(torch.float32)
-    below, above = torch.tensor(-float("inf")), torch.tensor(float("inf"))
+    below, above = torch.full_like(candidate, -float("inf")), torch.full_like(candidate, float("inf"))
     for _ in range(2):
         previous = torch.nextafter(candidate, below)
         candidate = torch.where(previous.sqrt() >= radius, previous, candidate)
@@ -378,7 +383,8 @@ class PhraseEmbedding(nn.Module):
 
     def forward(self, phrases: Tensor) -> Tensor:
         _check_phrases(phrases)
-        return self.head(self.blocks(phrases.float().transpose(1, 2)))
+        with autocast_disabled():
+            return self.head(self.blocks(phrases.float().transpose(1, 2)))
 
 
 def random_cnn_embedding(seed: int) -> PhraseEmbedding:
@@ -457,7 +463,8 @@ class _PerPhraseMean(Metric):
         """Per-phrase values ``(N,)``."""
 
     def update(self, phrases: Tensor, index: Tensor | None = None) -> None:
-        scores = self.score(phrases).float()
+        with autocast_disabled():
+            scores = self.score(phrases).float()
         self.scores.append(scores)
         self.index.append(_as_index(index, len(scores), scores.device))
 

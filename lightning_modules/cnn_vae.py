@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import BinaryHammingDistance
 
+from framework.devices import module_device
 from lightning_modules.nets.conv_stacks import EncoderTrunk, UpsamplingDecoder
-from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cosine, threshold
+from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cosine, hamming_error, threshold
 
 # Smallest standard deviation: keeps log(sigma) in the KL finite when softplus underflows.
 MIN_SIGMA = 1e-5
@@ -48,8 +49,8 @@ class CNNVAE(pl.LightningModule):
         self.to_posterior = nn.Linear(flat, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, flat)
         self.decoder = UpsamplingDecoder(channels, PHRASE_COLUMNS)
-        self.val_hamming = BinaryHammingDistance()
-        self.test_hamming = BinaryHammingDistance()
+        self.val_hamming = hamming_error()
+        self.test_hamming = hamming_error()
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation (B, latent_dim) of q(z | x) for phrases (B, 128, 57)."""
@@ -74,7 +75,7 @@ class CNNVAE(pl.LightningModule):
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` phrases, bool (n, 128, 57), decoded from z ~ N(0, I) drawn with ``generator``
         (which must live on the module's device)."""
-        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=self.device)
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=module_device(self))
         return threshold(torch.sigmoid(self.decode(z)))
 
     @torch.no_grad()

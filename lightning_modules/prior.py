@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
+from framework.devices import module_device
 from lightning_modules.sampling import SAMPLING_MODES, SamplingSettings, filter_logits, invert_cdf, sample_from_logits
 from lightning_modules.vqvae import VQVAE, adamw_with_cosine, threshold
 
@@ -75,8 +76,9 @@ class LSTMPrior(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["first_index_distribution"])
         SamplingSettings.from_mode(sample_mode, sample_temperature, sample_top_k, sample_top_p)
-        self.val_loss = MeanMetric()
-        self.val_acc = MeanMetric()
+        # No NaN check: it would read every batch's values back to the host.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MeanMetric(nan_strategy="disable")
         self._vqvae: nn.Module | None = None
         if num_codes is not None:
             self._build(num_codes)
@@ -166,8 +168,8 @@ class LSTMPrior(pl.LightningModule):
         if self._vqvae is None:
             if self.hparams.vqvae_ckpt is None:
                 raise ValueError("LSTMPrior.hparams.vqvae_ckpt is not set: no VQ-VAE to decode the sampled codes")
-            self.attach_vqvae(VQVAE.load_from_checkpoint(self.hparams.vqvae_ckpt, map_location=self.device))
-        return self._vqvae.to(self.device)
+            self.attach_vqvae(VQVAE.load_from_checkpoint(self.hparams.vqvae_ckpt, map_location=module_device(self)))
+        return self._vqvae.to(module_device(self))
 
     # ---------------------------------------------------------------------------------- sampling
     def sampling_settings(
@@ -194,9 +196,10 @@ class LSTMPrior(pl.LightningModule):
                 "LSTMPrior has no first-index distribution: pass first_index_distribution= or train it "
                 "with a DataModule that provides one"
             )
-        uniforms = uniforms.to(self.device)
+        device = module_device(self)
+        uniforms = uniforms.to(device)
         batch = uniforms.shape[0]
-        codes = torch.empty(batch, self.hparams.seq_len, dtype=torch.long, device=self.device)
+        codes = torch.empty(batch, self.hparams.seq_len, dtype=torch.long, device=device)
         codes[:, 0] = invert_cdf(self.first_index_distribution.expand(batch, -1), uniforms[:, 0])
         state = None
         with _cpu_lstm_kernel_for(batch):
@@ -234,7 +237,8 @@ class LSTMPrior(pl.LightningModule):
         """Binary phrases (N, 128, 57) from code sequences (N, S): VQ-VAE probabilities >= 0.5."""
         vqvae = self.vqvae
         batch_size = batch_size or self.hparams.sample_batch_size
-        return torch.cat([threshold(vqvae.decode_indices(chunk.to(self.device))) for chunk in codes.split(batch_size)])
+        device = module_device(self)
+        return torch.cat([threshold(vqvae.decode_indices(chunk.to(device))) for chunk in codes.split(batch_size)])
 
     def sample(
         self,
