@@ -146,7 +146,8 @@ class CodeDataModule(pl.LightningDataModule):
     """(B, S) LongTensor batches of a code cache, split ``val_fraction`` for validation by a seeded shuffle.
 
     ``num_codes`` and ``vqvae_ckpt`` come from meta.json; ``first_index_distribution`` is the
-    empirical distribution of the first index over the training split (the prior's z_0).
+    empirical distribution of the first index over the training split (the prior's z_0);
+    ``val_phrases()`` serves the validation split as phrases for the generation metrics.
     """
 
     def __init__(self, codes: str, batch_size: int = 2048, val_fraction: float = 0.05, seed: int = 0, num_workers: int = 0):
@@ -160,6 +161,8 @@ class CodeDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_codes: Tensor | None = None
         self.val_codes: Tensor | None = None
+        self.train_index: Tensor | None = None
+        self.val_index: Tensor | None = None
 
     @cached_property
     def meta(self) -> dict:
@@ -173,20 +176,36 @@ class CodeDataModule(pl.LightningDataModule):
     def vqvae_ckpt(self) -> str | None:
         return self.meta["vqvae_ckpt"]
 
-    def _split(self) -> tuple[Tensor, Tensor]:
-        codes, _ = load_codes(self.codes_dir)
-        order = torch.randperm(len(codes), generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(round(len(codes) * self.val_fraction))
-        if len(codes) - n_val < 1:
-            raise ValueError(f"{self.codes_dir}: {len(codes)} code sequences leave none for training.")
-        return codes[order[n_val:]], codes[order[:n_val]]
+    def _split(self, n: int) -> tuple[Tensor, Tensor]:
+        """Positions in the cache of the training and the validation sequences (a seeded shuffle)."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = int(round(n * self.val_fraction))
+        if n - n_val < 1:
+            raise ValueError(f"{self.codes_dir}: {n} code sequences leave none for training.")
+        return order[n_val:], order[:n_val]
 
     def prepare_data(self) -> None:
         load_meta(self.codes_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_codes is None:
-            self.train_codes, self.val_codes = self._split()
+            codes, _ = load_codes(self.codes_dir)
+            self.train_index, self.val_index = self._split(len(codes))
+            self.train_codes, self.val_codes = codes[self.train_index], codes[self.val_index]
+
+    def val_phrases(self) -> Tensor:
+        """The phrases the validation sequences were encoded from, bool (N_val, 128, 57): the real
+        side of the generation metrics, read from the phrase cache that meta.json records."""
+        self.setup()
+        source = self.meta["phrases"]
+        try:
+            packed = load_phrase_cache(source).packed
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.codes_dir / META_FILE} names the phrase cache {source}: {err}") from err
+        if len(packed) != self.meta["num_phrases"]:
+            raise ValueError(f"phrase cache {source} holds {len(packed)} phrases, the code cache "
+                             f"{self.meta['num_phrases']}: it changed after encoding.")
+        return unpack_phrases(torch.from_numpy(packed[self.val_index.numpy()]))
 
     @cached_property
     def first_index_distribution(self) -> Tensor:
