@@ -1,5 +1,5 @@
 """Devices read from the tensors themselves, host-to-device copies that do not stall the host, and
-float32 regions inside mixed-precision code."""
+true float32 regions inside mixed-precision code."""
 from __future__ import annotations
 
 import contextlib
@@ -35,13 +35,23 @@ def to_device_async(tensor: Tensor, device: torch.device) -> Tensor:
 
 
 @contextlib.contextmanager
-def autocast_disabled() -> Iterator[None]:
-    """Switch autocast off on every device type for the block.
+def float32_math() -> Iterator[None]:
+    """Float32 arithmetic in true float32 for the block: autocast off on every device type, and no
+    TF32 or bfloat16 shortcuts in matrix products and convolutions.
 
-    Metrics, scores and statistics must not depend on the training precision: under
-    ``bf16-mixed`` or ``16-mixed`` a matmul inside a metric would otherwise run in half precision.
+    Metrics, scores and statistics must not depend on the training precision or on the GPU:
+    under ``bf16-mixed`` a matmul inside a metric would otherwise run in bfloat16, and on an
+    Ampere or newer GPU a convolution in TF32 (10-bit mantissa).
     """
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
+    matmul_precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32

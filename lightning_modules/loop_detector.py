@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics import MeanMetric
 
 from datamodules.correlation import c_midi, c_midi_packed
-from framework.devices import autocast_disabled, module_device
+from framework.devices import float32_math, module_device
 from lightning_modules.nets.svdd import SVDDDecoder, SVDDEncoder
 
 SIMILARITIES = ("hamming", "iou")
@@ -107,7 +107,7 @@ class LoopDetector(pl.LightningModule):
         are, and the ``(N,)`` scores are returned on the batch's device.
         """
         correlations = torch.as_tensor(correlations)
-        with autocast_disabled():
+        with float32_math():
             latent = self.encoder(correlations.to(module_device(self), torch.float32))
             scores = ((latent - self.center) ** 2).mean(dim=1)
         return scores.to(correlations.device)
@@ -267,7 +267,7 @@ class LoopDetector(pl.LightningModule):
         """Per-vector reconstruction error, and in the SVDD phase distance, score and loop flag,
         in float32 whatever the autocast context."""
         vectors = vectors.float()
-        with autocast_disabled():
+        with float32_math():
             latent = self.encoder(vectors)
             values = {"ae_loss": (self.decoder(latent) - vectors).square().mean(dim=1)}
             if "svdd_loss" in self._held_out_metrics:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from framework.devices import autocast_disabled, to_device_async
+from framework.devices import float32_math, to_device_async
 
 
 class Quantized(NamedTuple):
@@ -132,7 +132,7 @@ class EMACodebook(nn.Module):
         return z.transpose(1, 2).reshape(-1, self.dim).float()
 
     def _nearest(self, flat: Tensor) -> Tensor:
-        with autocast_disabled():
+        with float32_math():
             distances = (
                 flat.pow(2).sum(1, keepdim=True)
                 - 2 * flat @ self.embedding.t()
