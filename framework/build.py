@@ -94,8 +94,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    logger = build_logger(cfg, run_dir)
     kwargs = {k: v for k, v in to_container(cfg.trainer).items() if v is not None}
+    if kwargs.get("sync_batchnorm") and kwargs.get("accelerator") == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs: SyncBatchNorm has no CPU implementation.")
+    logger = build_logger(cfg, run_dir)
     return pl.Trainer(
         default_root_dir=str(run_dir),
         logger=logger,
