@@ -124,7 +124,7 @@ class GenerationMetrics(pl.Callback):
             size = min(self.batch_size, self.n_samples - start)
             generator = seeded_generator(self.seed, trainer.current_epoch, chunk, device=device)
             phrases = pl_module.sample(size, generator)
-            if phrases.ndim != 3 or tuple(phrases.shape) != (size, PHRASE_STEPS, N_COLUMNS):
+            if tuple(phrases.shape) != (size, PHRASE_STEPS, N_COLUMNS):
                 raise ValueError(
                     f"{type(pl_module).__name__}.sample returned shape {tuple(phrases.shape)}, "
                     f"not ({size}, {PHRASE_STEPS}, {N_COLUMNS})"

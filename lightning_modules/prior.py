@@ -30,11 +30,15 @@ ONEDNN_MIN_BATCH = 32
 
 
 def _cpu_lstm_kernel_for(batch: int):
-    """Context choosing the CPU LSTM kernel for one-position steps of ``batch`` sequences."""
+    """Context choosing the CPU LSTM kernel for ``batch`` sequences.
+
+    Under CPU autocast (``bf16-mixed``) ATen's kernel runs, in float32: oneDNN has no bfloat16 LSTM
+    on CPUs without bfloat16 instructions (most x86 ones) and fails to build one there.
+    """
     backend = torch.backends.mkldnn
     return backend.flags(
-        enabled=backend.enabled and batch >= ONEDNN_MIN_BATCH, deterministic=backend.deterministic,
-        allow_tf32=None, fp32_precision=None,
+        enabled=backend.enabled and batch >= ONEDNN_MIN_BATCH and not torch.is_autocast_enabled("cpu"),
+        deterministic=backend.deterministic, allow_tf32=None, fp32_precision=None,
     )
 
 
@@ -96,7 +100,8 @@ class LSTMPrior(pl.LightningModule):
     # ----------------------------------------------------------------------------------- network
     def forward(self, codes: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Next-index logits (B, L, K) for codes (B, L), and the LSTM state after the last position."""
-        output, state = self.lstm(self.embedding(codes), state)
+        with _cpu_lstm_kernel_for(codes.shape[0]):
+            output, state = self.lstm(self.embedding(codes), state)
         return self.head(output), state
 
     # ---------------------------------------------------------------------------------- training
@@ -202,10 +207,9 @@ class LSTMPrior(pl.LightningModule):
         codes = torch.empty(batch, self.hparams.seq_len, dtype=torch.long, device=device)
         codes[:, 0] = invert_cdf(self.first_index_distribution.expand(batch, -1), uniforms[:, 0])
         state = None
-        with _cpu_lstm_kernel_for(batch):
-            for position in range(1, self.hparams.seq_len):
-                logits, state = self(codes[:, position - 1 : position], state)
-                codes[:, position] = sample_from_logits(logits[:, 0], uniforms[:, position], settings)
+        for position in range(1, self.hparams.seq_len):
+            logits, state = self(codes[:, position - 1 : position], state)
+            codes[:, position] = sample_from_logits(logits[:, 0], uniforms[:, position], settings)
         return codes
 
     def sample_codes(
