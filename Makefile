@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo demo-mixing test test-fast gpu-check benchmarks clean
+.PHONY: install demo demo-mixing listening-test test test-fast gpu-check benchmarks clean
 
 install: $(INSTALLED)
 
@@ -19,7 +19,10 @@ demo: $(INSTALLED)
 	$(PY) pipeline.py
 
 demo-mixing: $(INSTALLED)
-	$(PY) pipeline.py 'steps=[mixer,mix]'
+	$(PY) pipeline.py 'steps=[mixer,wave_u_net,mix,evaluate_mix]'
+
+listening-test: $(INSTALLED)
+	$(PY) listening_test.py demo
 
 test: $(INSTALLED)
 	$(PY) -m pytest -n 2 --dist loadgroup -q

@@ -1,10 +1,12 @@
 """Evaluate loop generators as in the paper's Tables 2-3 and Fig. 5.
 
 ``python evaluate.py training=PHRASE_CACHE detector=DETECTOR.ckpt prior=PRIOR.ckpt cnn_vae=CNNVAE.ckpt
-out=DIR [n=...] [device=cuda] [key=value ...]``; keys and defaults: ``configs/evaluate.yaml``.
+music_transformer=MT.ckpt musegan=MUSEGAN.ckpt out=DIR [n=...] [device=cuda] [key=value ...]``; keys and
+defaults: ``configs/evaluate.yaml``.
 
-Rows: the training set (LS, UP, ND of ``n`` of its phrases), one VQ-VAE+LSTM row per entry of
-``prior_sampling`` and the CNN-VAE; a generator whose checkpoint is null is skipped with a note.
+Rows, in the paper's order: the training set (LS, UP, ND of ``n`` of its phrases), the CNN-VAE, the
+Music Transformer, MuseGAN, and one VQ-VAE+LSTM row per entry of ``prior_sampling``; a generator
+whose checkpoint is null is skipped with a note.
 Every generator produces ``n`` phrases (default: as many as the training set, at most ``n_cap``)
 from the same seed. Writes into ``out``: ``table2.{md,csv}`` (LS, UP, ND, P/R/D/C mean ± std over
 ``n_networks`` random CNN embeddings), ``table3.{md,csv}`` (F1 of the mean P and R, and of the mean
@@ -22,8 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.evaluation import (
-    ROW_FIELDS, TABLE3_FIELDS, Evaluation, LatentSampler, LoopSource, plot_rejection, rejection_markdown,
-    table2_markdown, table3_markdown, threshold_label, write_csv,
+    ROW_FIELDS, TABLE3_FIELDS, Evaluation, LatentSampler, LoopSource, PhraseSampler, plot_rejection,
+    rejection_markdown, table2_markdown, table3_markdown, threshold_label, write_csv,
 )
 from datamodules.pianoroll import load_phrase_cache
 from framework.cli import check_checkpoints, check_output_folder, script_main
@@ -31,13 +33,20 @@ from framework.config import ConfigError, load_config as load_yaml_config
 from framework.io import atomic_path
 from lightning_modules.cnn_vae import CNNVAE
 from lightning_modules.loop_detector import LoopDetector
+from lightning_modules.music_transformer import MusicTransformer
+from lightning_modules.musegan import MuseGAN
 from lightning_modules.prior import LSTMPrior
 from lightning_modules.sampling import SamplingSettings
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
-CNN_VAE = "CNN-VAE"
+# The baselines in Table 2 order: checkpoint key, row name, class and the sampler that wraps it.
+BASELINES = (
+    ("cnn_vae", "CNN-VAE", CNNVAE, LatentSampler),
+    ("music_transformer", "Music Transformer", MusicTransformer, PhraseSampler),
+    ("musegan", "MuseGAN", MuseGAN, PhraseSampler),
+)
 SAMPLING_KEYS = ("name", "mode", "temperature", "k", "p")
-CHECKPOINT_KEYS = ("detector", "prior", "vqvae", "cnn_vae")
+CHECKPOINT_KEYS = ("detector", "prior", "vqvae", *(key for key, *_ in BASELINES))
 
 
 def note(message: str) -> None:
@@ -108,7 +117,7 @@ def load_config(argv: Sequence[str]) -> DictConfig:
     if cfg.max_samples <= cfg.k:
         raise ConfigError(f"max_samples={cfg.max_samples} must exceed k={cfg.k}")
     names = [prior_row_name(entry) for entry in _check_sampling(OmegaConf.to_container(cfg.prior_sampling))]
-    known = [*names, CNN_VAE]
+    known = [*(name for _, name, *_ in BASELINES), *names]
     swept = list(cfg.rejection.generators)
     for name in swept:
         if name not in known:
@@ -124,11 +133,11 @@ def load_config(argv: Sequence[str]) -> DictConfig:
 def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
     """The generators whose checkpoints are given, in Table 2 order; a note for each one skipped."""
     sources = []
-    if cfg.cnn_vae is None:
-        note("cnn_vae=null: the CNN-VAE row is skipped")
-    else:
-        vae = CNNVAE.load_from_checkpoint(cfg.cnn_vae, map_location=device)
-        sources.append(LoopSource(CNN_VAE, LatentSampler(vae)))
+    for key, name, model_class, sampler in BASELINES:
+        if cfg[key] is None:
+            note(f"{key}=null: the {name} row is skipped")
+        else:
+            sources.append(LoopSource(name, sampler(model_class.load_from_checkpoint(cfg[key], map_location=device))))
     if cfg.prior is None:
         note("prior=null: the VQ-VAE+LSTM rows are skipped")
     else:
@@ -141,6 +150,7 @@ def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
 
 
 def load_training(cfg: DictConfig):
+    """The training cache's packed phrases, left on disk: the evaluation reads only the rows it draws."""
     try:
         return load_phrase_cache(cfg.training).packed
     except FileNotFoundError as err:

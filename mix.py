@@ -1,11 +1,13 @@
 """Mix a song's dry stems with a trained automatic mixer.
 
     python mix.py ckpt=CKPT stems=DIR out=mix.wav [features=F] [chunk_seconds=10] \
-        [overlap_seconds=1] [device=cpu]
+        [overlap_seconds=1] [device=cpu] [pad=false]
 
 ``DIR`` holds ``vocals.wav bass.wav drums.wav other.wav`` (a missing stem is silence; mono is
-duplicated to stereo; shorter stems are zero-padded to the longest). Stems at another sample rate are
-resampled to the model's with librosa's ``soxr_hq``. The stems are effect-normalised with the
+duplicated to stereo). Stems of different lengths are an error unless ``pad=true``, which zero-pads
+the shorter ones to the longest; an unreadable, empty or non-finite stem is an error naming the
+file, printed as one line. Stems at another sample rate are resampled to the model's with librosa's
+``soxr_hq``. The stems are effect-normalised with the
 training set's FxNorm features (``features=`` or the path the checkpoint recorded), including the
 inference reverb on vocals and other, then mixed chunk by chunk (``mix_song``) and written as a
 stereo float WAV at the model's sample rate with exactly the stems' length.
@@ -22,12 +24,13 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
+from datamodules.fxnorm.songs import STEMS, read_stem, stem_info
+from framework.errors import InputError
 from framework.io import atomic_path
 from lightning_modules.mixer import AutoMixer, mix_song
 
-STEMS = ("vocals", "bass", "drums", "other")
 DEFAULTS = {"ckpt": None, "stems": None, "out": None, "features": None, "chunk_seconds": 10.0,
-            "overlap_seconds": 1.0, "device": "cpu", "progress": True}
+            "overlap_seconds": 1.0, "device": "cpu", "progress": True, "pad": False}
 REQUIRED = ("ckpt", "stems", "out")
 
 
@@ -48,26 +51,29 @@ def parse_args(argv: Sequence[str]) -> dict:
     return args
 
 
-def read_stems(folder: str | Path, sample_rate: int) -> dict[str, np.ndarray]:
+def read_stems(folder: str | Path, sample_rate: int, pad: bool = False) -> dict[str, np.ndarray]:
     """Stereo float32 ``(2, n)`` arrays for every stem name; missing stems are zeros of the common
-    length. Raises ``FileNotFoundError`` when the folder has none of the stems."""
+    length. An :class:`InputError` names the folder when it has none of the stems, and the file
+    that is unreadable, empty, non-finite, or (unless ``pad``) of another length than the others."""
     folder = Path(folder)
     loaded = {}
     for name in STEMS:
         path = folder / f"{name}.wav"
         if not path.exists():
             continue
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        audio = audio.T
-        if audio.shape[0] == 1:
-            audio = np.repeat(audio, 2, axis=0)
-        elif audio.shape[0] != 2:
-            raise ValueError(f"{path}: expected mono or stereo, got {audio.shape[0]} channels")
+        rate, _ = stem_info(path)
+        audio = read_stem(path)
         if rate != sample_rate:
             audio = librosa.resample(audio, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
         loaded[name] = audio.astype(np.float32)
     if not loaded:
-        raise FileNotFoundError(f"{folder}: none of {', '.join(f'{s}.wav' for s in STEMS)} found")
+        raise InputError(f"{folder}: none of {', '.join(f'{s}.wav' for s in STEMS)} found")
+    lengths = {name: audio.shape[-1] for name, audio in loaded.items()}
+    first = next(iter(lengths))
+    uneven = [name for name in lengths if lengths[name] != lengths[first]]
+    if uneven and not pad:
+        raise InputError(f"{folder / (uneven[0] + '.wav')}: {lengths[uneven[0]]} samples at {sample_rate} Hz, but "
+                         f"{first}.wav has {lengths[first]}; pass pad=true to zero-pad the shorter stems")
     length = max(audio.shape[-1] for audio in loaded.values())
     stems = {}
     for name in STEMS:
@@ -87,9 +93,9 @@ def features_path(model: AutoMixer, ckpt: str, override: str | None) -> str:
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
         path = (checkpoint.get("config") or {}).get("datamodule", {}).get("features")
     if not path:
-        raise ValueError("the checkpoint records no FxNorm features path; pass features=PATH")
+        raise InputError(f"{ckpt} records no FxNorm features path; pass features=PATH")
     if not Path(path).exists():
-        raise FileNotFoundError(f"FxNorm features file {path} not found; pass features=PATH")
+        raise InputError(f"FxNorm features file {path} (recorded in {ckpt}) not found; pass features=PATH")
     return str(path)
 
 
@@ -110,8 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args["device"])
     model = AutoMixer.load_from_checkpoint(args["ckpt"], map_location=device)
     sample_rate = int(model.hparams.sample_rate)
-    stems = read_stems(args["stems"], sample_rate)
-    normalised = normalise(stems, features_path(model, args["ckpt"], args["features"]), sample_rate)
+    try:
+        stems = read_stems(args["stems"], sample_rate, args["pad"])
+        normalised = normalise(stems, features_path(model, args["ckpt"], args["features"]), sample_rate)
+    except InputError as err:
+        print(f"mix.py: {err}", file=sys.stderr)
+        return 2
     mix = mix_song(model, normalised, sample_rate, args["chunk_seconds"], args["overlap_seconds"],
                    progress=args["progress"])
     with atomic_path(args["out"]) as tmp:

@@ -7,11 +7,13 @@ outputs all land in ``run_dir``:
 
     detector/   loop detector run (checkpoint, score histogram, Fig. 3 analysis)
     loops/      extracted loops (phrase cache, scores, histogram)
-    vqvae/ prior/ cnn_vae/   training runs
+    vqvae/ prior/           training runs of the VQ-VAE and its LSTM prior
+    cnn_vae/ music_transformer/ musegan/   training runs of the baselines
     codes/      VQ-VAE code cache
     generated/  MIDI loops, pianoroll grid, WAV previews, summary
     evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
-    mixer/ mixes/   the automatic-mixing steps: mixer training run, mixes of the dry songs
+    mixer/ wave_u_net/ mixes/ evaluation_mix/   the automatic-mixing steps: the mixer and its
+                Wave-U-Net baseline, mixes of the dry songs, and the objective table on the test songs
 
 Several devices (``devices=N``): each training step runs as its own job of N processes started by
 ``torchrun`` (``python -m torch.distributed.run --standalone``), so the pipeline itself stays one
@@ -31,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 
 import evaluate
+import evaluate_mix
 import generate
 import mix
 import train
@@ -114,10 +117,20 @@ class Pipeline:
             self._train("prior", "prior", f"datamodule.codes={self.path('codes')}",
                         f"callbacks.generation.detector={self.checkpoints['detector']}"))
 
+    def _baseline(self, name: str) -> None:
+        """Train the baseline experiment ``name`` on the extracted loops, scoring its samples with the detector."""
+        self.checkpoints[name] = evaluation_checkpoint(self._train(
+            name, name, f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
+            f"callbacks.generation.detector={self.checkpoints['detector']}"))
+
     def cnn_vae(self) -> None:
-        self.checkpoints["cnn_vae"] = evaluation_checkpoint(
-            self._train("cnn_vae", "cnn_vae", f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
-                        f"callbacks.generation.detector={self.checkpoints['detector']}"))
+        self._baseline("cnn_vae")
+
+    def music_transformer(self) -> None:
+        self._baseline("music_transformer")
+
+    def musegan(self) -> None:
+        self._baseline("musegan")
 
     def generate(self) -> None:
         argv = [f"prior={self.checkpoints['prior']}", f"detector={self.checkpoints['detector']}",
@@ -126,8 +139,10 @@ class Pipeline:
         _check(generate.main(argv), "generate.py")
 
     def evaluate(self) -> None:
-        argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}",
-                f"prior={self.checkpoints['prior']}", f"cnn_vae={self.checkpoints.get('cnn_vae')}",
+        # A generator whose step did not run is passed as null: evaluate.py leaves its rows out.
+        generators = [f"{key}={self.checkpoints.get(key) or 'null'}"
+                      for key in ("prior", "cnn_vae", "music_transformer", "musegan")]
+        argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}", *generators,
                 f"out={self.path('evaluation')}", f"seed={self.cfg.seed}", f"device={self.device}",
                 *self.args.evaluate]
         print(f"    python evaluate.py {' '.join(argv)}")
@@ -137,6 +152,19 @@ class Pipeline:
         self.checkpoints["mixer"] = evaluation_checkpoint(
             self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
                         f"datamodule.cache={self.cfg.normalised}"))
+
+    def wave_u_net(self) -> None:
+        self.checkpoints["wave_u_net"] = evaluation_checkpoint(
+            self._train("wave_u_net", "mixer_wave_u_net", f"datamodule.root={self.cfg.multitrack}",
+                        f"datamodule.cache={self.cfg.normalised}"))
+
+    def evaluate_mix(self) -> None:
+        baselines = [self.checkpoints[name] for name in ("wave_u_net",) if name in self.checkpoints]
+        argv = [f"ckpt={self.checkpoints['mixer']}", f"baseline=[{','.join(baselines)}]",
+                f"songs={Path(self.cfg.multitrack) / 'test'}", f"cache={Path(self.cfg.normalised) / 'test'}",
+                f"out={self.path('evaluation_mix')}", f"device={self.device}", *self.args.evaluate_mix]
+        print(f"    python evaluate_mix.py {' '.join(argv)}")
+        _check(evaluate_mix.main(argv), "evaluate_mix.py")
 
     def mix(self) -> None:
         songs = sorted(p for p in Path(self.cfg.dry).iterdir() if p.is_dir())
@@ -148,7 +176,8 @@ class Pipeline:
             _check(mix.main(argv), "mix.py")
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "generate", "evaluate", "mixer", "mix")
+        valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "music_transformer", "musegan",
+                 "generate", "evaluate", "mixer", "wave_u_net", "mix", "evaluate_mix")
         unknown = [s for s in self.cfg.steps if s not in valid]
         if unknown:
             raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")
@@ -188,7 +217,8 @@ def run(argv: Sequence[str]) -> Pipeline:
                          ("evaluation tables", root / "evaluation"),
                          ("rejection sweep plot", root / "evaluation" / "rejection.png"),
                          ("detector analysis", root / "detector" / "loop_analysis"),
-                         ("mixes of the dry songs", root / "mixes")]:
+                         ("mixes of the dry songs", root / "mixes"),
+                         ("mixing evaluation", root / "evaluation_mix")]:
         if where.exists():
             print(f"  {label:22s} {where}")
     return pipeline

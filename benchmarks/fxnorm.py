@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from datamodules.demo.multitrack import process_stem, synthesize_song  # noqa: E402
 from datamodules.fxnorm import STAGES, FxNormalizer, exhaustive_compressor_search, search_compressor  # noqa: E402
 from datamodules.fxnorm.drc import ATTACK_RELEASE_MS, RATIO_START, onset_peak_stats, peak_normalize  # noqa: E402
+from datamodules.fxnorm.normalizer import stem_rng  # noqa: E402
 
 SR = 44100
 SECONDS = 180.0
@@ -42,13 +43,12 @@ def main() -> None:
     total = total_wall = 0.0
     for stage in STAGES:
         start, start_wall = time.process_time(), time.perf_counter()
-        rng = np.random.default_rng(0)  # only the reverb draws from it, stem after stem as normalize_song does
-        stems = {k: normalizer.normalize_stem(k, v, SR, rng, stages=(stage,)) for k, v in stems.items()}
+        stems = {k: normalizer.normalize_stem(k, v, SR, stem_rng(0, "", k), stages=(stage,)) for k, v in stems.items()}
         elapsed, wall = time.process_time() - start, time.perf_counter() - start_wall
         total += elapsed
         total_wall += wall
         print(f"{stage:>8}: {seconds / elapsed:7.1f}x real time ({elapsed:.2f} s CPU, {wall:.2f} s wall)")
-    whole = normalizer.normalize_song(song, SR, rng=np.random.default_rng(0))
+    whole = normalizer.normalize_song(song, SR, seed=0)
     for kind in song:
         np.testing.assert_array_equal(whole[kind], stems[kind])
 

@@ -121,8 +121,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "phrases"
-        packed = pack_phrases(synthetic_loops(args.phrases + 1))  # one phrase is the (unused) validation split
-        write_phrase_cache(cache, packed, ["synthetic.mid"] * len(packed), np.arange(len(packed)))
+        packed = pack_phrases(synthetic_loops(args.phrases + 1))  # one phrase (song) is the unused validation split
+        write_phrase_cache(cache, packed, [f"synthetic/{i:06d}.mid" for i in range(len(packed))], np.zeros(len(packed), int))
         datamodule = PhraseDataModule(str(cache), batch_size=args.batch_size, val_fraction=1 / len(packed))
         datamodule.setup("fit")
 

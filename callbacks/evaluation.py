@@ -1,7 +1,8 @@
 """Evaluation of loop generators against their training set: the paper's Tables 2-3 and Fig. 5.
 
 A :class:`LoopSource` is a named generator: an :class:`~lightning_modules.prior.LSTMPrior` with
-sampling settings, or a CNN-VAE behind :class:`LatentSampler`. Both are sampled through
+sampling settings, a CNN-VAE behind :class:`LatentSampler`, or any other phrase generator (Music
+Transformer, MuseGAN) behind :class:`PhraseSampler`. All are sampled through
 :func:`~lightning_modules.prior.generate_loops`, the one rejection loop of the project, so a
 rejection threshold means the same for every generator: batches are drawn until ``n`` phrases
 score below it or ``max_rounds`` batches have been drawn.
@@ -9,8 +10,12 @@ score below it or ``max_rounds`` batches have been drawn.
 :class:`Evaluation` turns a source (and an optional threshold) into one row of metrics: LS (mean
 loop score through C_MIDI and the detector), UP, ND, and P/R/D/C as mean and standard deviation
 over random CNN embeddings with F1(P,R) and F1(D,C) of the means
-(:class:`~callbacks.metrics.GenerativeMetrics`). The ``write_*`` functions lay rows out as the
+(:func:`~callbacks.metrics.random_cnn_prdc`). The ``write_*`` functions lay rows out as the
 paper's tables (Markdown and CSV) and the Fig. 5 figure.
+
+Memory: phrases stay bit-packed (912 bytes each) except in chunks of ``batch_size`` and in the
+subsets a metric draws; the training set is read from its cache only where drawn, so a row
+costs the same whatever the size of the training set.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from callbacks.metrics import PRDC_KEYS, GenerativeMetrics, note_density, unique_pitch
-from datamodules.pianoroll import PACKED_BYTES, unpack_phrases
+from callbacks.metrics import PRDC_KEYS, note_density, packed_rows, random_cnn_prdc, unique_pitch
+from datamodules.pianoroll import PACKED_BYTES, PHRASE_STEPS, unpack_phrases
 from framework.devices import module_device
 from framework.seeding import sampling_generator
 from lightning_modules.prior import GeneratedLoops, generate_loops
@@ -64,14 +69,29 @@ class LatentSampler:
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int | None = None) -> Tensor:
-        parts = latents.split(batch_size or max(len(latents), 1))
-        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(module_device(self.vae))))) for part in parts])
+        parts, device = latents.split(batch_size or max(len(latents), 1)), module_device(self.vae)
+        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(device), prior_statistics=True))) for part in parts])
+
+
+class PhraseSampler:
+    """A generator with ``sample(n, generator) -> bool (n, 128, 57)`` in the sampler protocol of
+    :func:`generate_loops`: its "codes" are the sampled phrases themselves and ``decode`` returns them."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval().requires_grad_(False)
+        self.hparams = SimpleNamespace(seq_len=PHRASE_STEPS)
+
+    def sample_codes(self, n: int, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
+        return self.module.sample(n, generator)
+
+    def decode(self, phrases: Tensor, batch_size: int | None = None) -> Tensor:
+        return phrases
 
 
 @dataclass
 class LoopSource:
     """A named generator: ``sampler`` follows :func:`generate_loops`'s protocol; ``settings`` are its
-    sampling keyword arguments (mode, temperature, top_k, top_p for a prior; none for a CNN-VAE)."""
+    sampling keyword arguments (mode, temperature, top_k, top_p for a prior; none for the others)."""
 
     name: str
     sampler: object
@@ -83,7 +103,8 @@ class Evaluation:
 
     Args:
         training: the training set, bit-packed ``(N, 912)`` uint8 (``datamodules.pianoroll``
-            layout); the real side of P/R/D/C and the source of the training-set row.
+            layout): a phrase cache's ``PackedShards`` (rows are read when drawn) or an array;
+            the real side of P/R/D/C and the source of the training-set row.
         n: phrases per row: generated (kept) per source, drawn from ``training`` for its own row.
         seed: every source and threshold samples with ``sampling_generator(seed, 0, device)``, so
             the rejection runs of one source see the same stream of candidates.
@@ -108,14 +129,13 @@ class Evaluation:
         k: int = 5,
         progress: bool = True,
     ):
-        training = np.asarray(training)
         if training.dtype != np.uint8 or training.ndim != 2 or training.shape[1] != PACKED_BYTES:
             raise ValueError(f"training must be packed phrases (N, {PACKED_BYTES}) uint8, got {training.dtype} {training.shape}")
         if len(training) <= k:
             raise ValueError(f"the training set has {len(training)} phrases; P/R/D/C with k={k} needs more than {k}")
         if n < 1 or max_samples <= k:
             raise ValueError(f"need n >= 1 and max_samples > k, got n={n}, max_samples={max_samples}, k={k}")
-        self.training = torch.from_numpy(training)
+        self.training = training
         self.n, self.seed, self.device = int(n), int(seed), torch.device(device)
         self.detector = detector
         self.batch_size, self.max_rounds = int(batch_size), int(max_rounds)
@@ -133,25 +153,25 @@ class Evaluation:
             self.batch_size, self.detector, threshold, self.max_rounds, progress=self.progress,
         )
 
-    def training_phrases(self) -> Tensor:
-        """A seeded random subset of ``n`` training phrases (all of them when ``n`` is larger), bool."""
+    def training_packed(self) -> Tensor:
+        """A seeded random subset of ``n`` training phrases (all of them when ``n`` is larger), bit-packed."""
         order = torch.randperm(len(self.training), generator=torch.Generator().manual_seed(self.seed))
-        return unpack_phrases(self.training[order[: self.n]])
+        return packed_rows(self.training, order[: self.n], "cpu")
 
-    def _score(self, phrases: Tensor) -> Tensor | None:
+    def _score(self, packed: Tensor) -> Tensor | None:
         if self.detector is None:
             return None
-        chunks = phrases.split(self.batch_size)
+        chunks = packed.split(self.batch_size)
         bar = tqdm(chunks, desc="scoring training phrases", unit="batch", disable=not self.progress)
-        return torch.cat([self.detector.score_phrases(chunk.to(self.device)).cpu() for chunk in bar])
+        return torch.cat([self.detector.score_phrases(unpack_phrases(chunk.to(self.device))).cpu() for chunk in bar])
 
     # ------------------------------------------------------------------------------------ rows
     def training_row(self) -> dict:
         """LS, UP and ND of ``n`` training phrases; P/R/D/C of the training set against itself are not computed."""
-        phrases = self.training_phrases()
+        packed = self.training_packed()
         row = _empty_row(TRAINING_SET, None, self.n)
-        row.update(accepted=len(phrases), generated=len(phrases), acceptance_rate=1.0, shortfall=self.n - len(phrases))
-        row.update(_style_metrics(phrases, self._score(phrases)))
+        row.update(accepted=len(packed), generated=len(packed), acceptance_rate=1.0, shortfall=self.n - len(packed))
+        row.update(_style_metrics(packed, self._score(packed), self.batch_size))
         return row
 
     def row(self, source: LoopSource, threshold: float | None = None) -> dict:
@@ -161,26 +181,23 @@ class Evaluation:
             loops = self.sample(source, threshold)
             row = _empty_row(source.name, threshold, self.n)
             row.update(
-                accepted=len(loops.phrases), shortfall=self.n - len(loops.phrases),
+                accepted=len(loops.packed), shortfall=self.n - len(loops.packed),
                 generated=loops.generated, acceptance_rate=loops.acceptance_rate,
             )
-            row.update(_style_metrics(loops.phrases, loops.scores))
-            row.update(self.similarity_metrics(loops.phrases))
+            row.update(_style_metrics(loops.packed, loops.scores, self.batch_size))
+            row.update(self.similarity_metrics(loops.packed))
             self._rows[key] = row
         return self._rows[key]
 
-    def similarity_metrics(self, phrases: Tensor) -> dict:
-        """P/R/D/C (mean and std over the random CNNs) and the two F1s against the training set.
+    def similarity_metrics(self, packed: Tensor) -> dict:
+        """P/R/D/C (mean and std over the random CNNs) and the two F1s of bit-packed phrases against the training set.
 
-        NaN when ``phrases`` are too few for the k-nearest-neighbour radii.
+        Empty when the phrases are too few for the k-nearest-neighbour radii (the row keeps NaN).
         """
-        if len(phrases) <= self.k:
+        if len(packed) <= self.k:
             return {}
-        metric = GenerativeMetrics(self.n_networks, self.max_samples, self.k)
-        for chunk in self.training.split(self.batch_size * 8):
-            metric.update(real=unpack_phrases(chunk.to(self.device)))
-        metric.update(fake=phrases.to(self.device))
-        return {name: value.item() for name, value in metric.compute().items()}
+        metrics = random_cnn_prdc(self.training, packed, self.n_networks, self.max_samples, self.k, device=self.device)
+        return {name: value.item() for name, value in metrics.items()}
 
     def rejection_rows(self, sources: Sequence[LoopSource], thresholds: Sequence[float | None]) -> list[dict]:
         """One row per source and threshold (Fig. 5), with a progress bar over the sweep."""
@@ -195,14 +212,20 @@ def _empty_row(model: str, threshold: float | None, requested: int) -> dict:
     return row
 
 
-def _style_metrics(phrases: Tensor, scores: Tensor | None) -> dict:
-    """LS (NaN without scores), UP and ND averaged over ``phrases`` (NaN when there are none)."""
-    if not len(phrases):
+def _style_metrics(packed: Tensor, scores: Tensor | None, batch_size: int) -> dict:
+    """LS (NaN without scores), UP and ND averaged over bit-packed phrases, unpacked ``batch_size`` at a time
+    (empty when there are none)."""
+    if not len(packed):
         return {}
+    up, nd = [], []
+    for chunk in packed.split(batch_size):
+        phrases = unpack_phrases(chunk)
+        up.append(unique_pitch(phrases))
+        nd.append(note_density(phrases))
     return {
         "ls": scores.float().mean().item() if scores is not None else math.nan,
-        "up": unique_pitch(phrases).mean().item(),
-        "nd": note_density(phrases).mean().item(),
+        "up": torch.cat(up).mean().item(),
+        "nd": torch.cat(nd).mean().item(),
     }
 
 

@@ -11,7 +11,7 @@ from torchmetrics import Metric
 
 from callbacks.media import log_media, pianoroll_grid, write_previews
 from callbacks.metrics import GenerativeMetrics, LoopScore, NoteDensity, UniquePitch
-from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS
+from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS, pack_phrases
 from datamodules.pianoroll.synth import DEFAULT_SR
 from framework.io import atomic_path
 from framework.seeding import seeded_generator
@@ -25,7 +25,9 @@ class GenerationMetrics(pl.Callback):
     ``(n, 128, 57)`` phrases drawn with ``generator`` (a ``torch.Generator`` on the module's
     device); the CNN-VAE decodes Gaussian latents, the LSTM prior decodes sampled code sequences
     with its VQ-VAE. The datamodule offers ``val_phrases() -> Tensor``, the bool validation
-    phrases (the real side of P/R/D/C).
+    phrases (the real side of P/R/D/C), or ``val_packed() -> Tensor``, the same bit-packed
+    (N, 912) uint8, which is preferred: the phrases then stay packed until ``GenerativeMetrics``
+    draws its subsets.
 
     The ``n_samples`` samples are drawn in chunks of ``batch_size``: chunk ``c`` of epoch ``e``
     with a generator seeded by ``(seed, e, c)`` on the module's device, chunks dealt to the ranks
@@ -98,19 +100,22 @@ class GenerationMetrics(pl.Callback):
         return self.enabled and not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _real_shard(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
-        """This rank's validation phrases (every world_size-th) and their positions, read once."""
+        """This rank's validation phrases (every world_size-th), bit-packed, and their positions, read once."""
         if self._real is None:
             datamodule = trainer.datamodule
-            if not hasattr(datamodule, "val_phrases"):
+            if hasattr(datamodule, "val_packed"):
+                packed = datamodule.val_packed()
+            elif hasattr(datamodule, "val_phrases"):
+                packed = pack_phrases(torch.as_tensor(datamodule.val_phrases()).bool())
+            else:
                 raise AttributeError(f"GenerationMetrics needs {type(datamodule).__name__}.val_phrases()")
-            phrases = torch.as_tensor(datamodule.val_phrases()).bool()
-            if len(phrases) <= self.k:
+            if len(packed) <= self.k:
                 raise ValueError(
-                    f"GenerationMetrics: the validation set holds {len(phrases)} phrases; P/R/D/C with "
+                    f"GenerationMetrics: the validation set holds {len(packed)} phrases; P/R/D/C with "
                     f"k={self.k} needs more than {self.k} (hold out more data or lower callbacks.generation.k)"
                 )
-            index = torch.arange(trainer.global_rank, len(phrases), trainer.world_size)
-            self._real = phrases[index], index
+            index = torch.arange(trainer.global_rank, len(packed), trainer.world_size)
+            self._real = packed[index], index
         return self._real
 
     def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:

@@ -20,13 +20,16 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.correlation import c_midi
-from datamodules.pianoroll import BARS_PER_PHRASE, N_COLUMNS, PHRASE_STEPS, STEPS_PER_BAR, unpack_phrases
+from datamodules.pianoroll import (
+    BARS_PER_PHRASE, N_COLUMNS, PACKED_BYTES, PHRASE_STEPS, STEPS_PER_BAR, pack_phrases, unpack_phrases,
+)
 from framework.devices import float32_math
 from lightning_modules.nets.conv_stacks import conv_block
 
@@ -440,13 +443,6 @@ def _unique_by_index(index: Tensor) -> Tensor:
     return order[keep | (ordered < 0)]
 
 
-def _pack(phrases: Tensor) -> Tensor:
-    """Bool phrases -> ``(N, 912)`` uint8 in ``datamodules.pianoroll``'s layout, on their device."""
-    bits = phrases.bool().reshape(len(phrases), -1, 8).to(torch.uint8)
-    weights = 2 ** torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
-    return (bits * weights).sum(dim=2, dtype=torch.uint8)
-
-
 # -------------------------------------------------------------------------------------- metrics
 
 
@@ -570,11 +566,10 @@ class PRDC(_RealFakeSets):
 class GenerativeMetrics(_RealFakeSets):
     """P/R/D/C of phrases on embeddings of ``n_networks`` random CNNs, as in the paper's Table 3.
 
-    Repeat ``s`` (``s = 0 .. n_networks-1``) embeds with ``random_cnn_embedding(s)`` up to
-    ``max_samples`` real and ``max_samples`` fake phrases, a subsample drawn with a generator seeded
-    with ``s``. ``compute()`` returns, per P/R/D/C, the mean over repeats and ``<name>_std`` (the
-    population standard deviation, ddof=0), plus ``f1_pr`` = F1(mean P, mean R) and ``f1_dc`` =
-    F1(mean D, mean C). Phrases are stored bit-packed (8x less to gather across ranks).
+    ``compute()`` is :func:`random_cnn_prdc` of the gathered real and fake phrases: per P/R/D/C
+    the mean over repeats and ``<name>_std``, plus ``f1_pr`` and ``f1_dc``. Phrases are given as
+    bool ``(N, 128, 57)`` or already bit-packed ``(N, 912)`` uint8 and stored bit-packed (8x less
+    to gather across ranks); each repeat unpacks only the phrases it draws.
     """
 
     def __init__(
@@ -592,32 +587,65 @@ class GenerativeMetrics(_RealFakeSets):
         self.distinct_neighbours = distinct_neighbours
 
     def encode(self, samples: Tensor) -> Tensor:
+        if samples.dtype == torch.uint8 and tuple(samples.shape[1:]) == (PACKED_BYTES,):
+            return samples
         _check_phrases(samples)
-        return _pack(samples)
-
-    def _subsample(self, phrases: Tensor, generator: torch.Generator) -> Tensor:
-        if len(phrases) <= self.max_samples:
-            return phrases
-        return phrases[torch.randperm(len(phrases), generator=generator)[: self.max_samples].to(phrases.device)]
+        return pack_phrases(samples)
 
     def compute(self) -> dict[str, Tensor]:
-        real, fake = unpack_phrases(self._collected("real")), unpack_phrases(self._collected("fake"))
-        repeats = []
-        for seed in range(self.n_networks):
-            net = random_cnn_embedding(seed).to(real.device)
-            generator = torch.Generator().manual_seed(seed)
-            scores = prdc(
-                embed(net, self._subsample(real, generator)),
-                embed(net, self._subsample(fake, generator)),
-                self.k,
-                distinct_neighbours=self.distinct_neighbours,
-            )
-            repeats.append(torch.stack([scores[key] for key in PRDC_KEYS]))
-        repeats = torch.stack(repeats)
-        mean, std = repeats.mean(dim=0), repeats.std(dim=0, correction=0)
-        result = {}
-        for i, key in enumerate(PRDC_KEYS):
-            result[key], result[f"{key}_std"] = mean[i], std[i]
-        result["f1_pr"] = f1_score(mean[0], mean[1])
-        result["f1_dc"] = f1_score(mean[2], mean[3])
-        return result
+        return random_cnn_prdc(
+            self._collected("real"), self._collected("fake"), self.n_networks, self.max_samples, self.k,
+            distinct_neighbours=self.distinct_neighbours,
+        )
+
+
+def packed_rows(rows, index: Tensor | None, device: torch.device | str) -> Tensor:
+    """Rows ``index`` (all rows for None) of bit-packed phrases, as a uint8 tensor on ``device``.
+
+    ``rows``: a uint8 ``(N, 912)`` tensor, or anything NumPy-indexable by row: an array, or a
+    phrase cache's ``PackedShards``, which then reads only those rows from disk.
+    """
+    if isinstance(rows, Tensor):
+        return (rows if index is None else rows[index.to(rows.device)]).to(device)
+    return torch.from_numpy(np.asarray(rows[slice(None) if index is None else index.numpy()])).to(device)
+
+
+def random_cnn_prdc(
+    real, fake, n_networks: int = 10, max_samples: int = 10_000, k: int = 5, *,
+    distinct_neighbours: bool = False, device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """P/R/D/C of bit-packed real and fake phrases on the embeddings of ``n_networks`` random CNNs.
+
+    Repeat ``s`` (``s = 0 .. n_networks-1``) embeds with ``random_cnn_embedding(s)`` up to
+    ``max_samples`` real and ``max_samples`` fake phrases, a subsample drawn with a generator
+    seeded with ``s`` (real first); only the drawn rows are read (see :func:`packed_rows`) and
+    unpacked, so memory follows ``max_samples``, not the set sizes. Returns, per P/R/D/C, the
+    mean over repeats and ``<name>_std`` (population standard deviation, ddof=0), plus ``f1_pr``
+    = F1(mean P, mean R) and ``f1_dc`` = F1(mean D, mean C). ``device``: where the phrases are
+    embedded and compared (default: the real tensor's device, else the CPU).
+    """
+    if device is None:
+        device = real.device if isinstance(real, Tensor) else torch.device("cpu")
+    repeats = []
+    for seed in range(n_networks):
+        net = random_cnn_embedding(seed).to(device)
+        generator = torch.Generator().manual_seed(seed)
+        features = [
+            embed(net, unpack_phrases(packed_rows(rows, _subsample_index(len(rows), max_samples, generator), device)))
+            for rows in (real, fake)
+        ]
+        scores = prdc(*features, k, distinct_neighbours=distinct_neighbours)
+        repeats.append(torch.stack([scores[key] for key in PRDC_KEYS]))
+    repeats = torch.stack(repeats)
+    mean, std = repeats.mean(dim=0), repeats.std(dim=0, correction=0)
+    result = {}
+    for i, key in enumerate(PRDC_KEYS):
+        result[key], result[f"{key}_std"] = mean[i], std[i]
+    result["f1_pr"] = f1_score(mean[0], mean[1])
+    result["f1_dc"] = f1_score(mean[2], mean[3])
+    return result
+
+
+def _subsample_index(n: int, max_samples: int, generator: torch.Generator) -> Tensor | None:
+    """``max_samples`` of ``n`` positions drawn without replacement, or None (all) when ``n <= max_samples``."""
+    return None if n <= max_samples else torch.randperm(n, generator=generator)[:max_samples]

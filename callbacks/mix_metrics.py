@@ -22,8 +22,11 @@ on a 4096/1024 sqrt-Hann STFT (or 4096/1024-sample frames) of the audio peak-nor
   RMS and spread enter the MAPE as ``1 - value`` so that the reference is positive and away from 0.
 * ``l1``, ``l2``: mean absolute / squared waveform error (not percentages).
 
-``mape_mean`` is the mean of all MAPE features. Under DDP a DistributedSampler pads the validation set
-with repeated segments; ``compute`` drops repeats by a fingerprint of the target audio.
+``mape_mean`` is the mean of all MAPE features. Frame features are computed in blocks of frames
+(:data:`BLOCK_FRAMES`), so a whole song needs no more memory than a minute of it; peak normalisation
+uses the whole signal's peak and the running means run over the whole song. Under DDP a
+DistributedSampler pads an evaluation set with repeats; ``compute`` drops them by a fingerprint of
+the target audio.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ from torchmetrics.utilities import dim_zero_cat
 from framework.io import atomic_path
 
 RUNNING_FRAMES = 40
+#: Frames of one analysis grid computed at once (about a minute of 4096/1024 frames at 44.1 kHz).
+BLOCK_FRAMES = 2560
 N_FFT = 4096
 HOP = 1024
 CONTRAST_EDGES_HZ = (0.0, 250.0, 500.0, 1000.0, 2000.0)
@@ -63,13 +68,13 @@ def _db(x: torch.Tensor, floor: float) -> torch.Tensor:
     return 20 * torch.log10(x.clamp_min(floor))
 
 
-def _peak_normalise(x: torch.Tensor, db: float = -1.0) -> torch.Tensor:
-    peak = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-    return x * (10 ** (db / 20) / peak)
+def _peak_normalising_gain(x: torch.Tensor, db: float = -1.0) -> torch.Tensor:
+    """``(B, 1, 1)`` gains that bring each item's peak over the whole signal to ``db`` dBFS."""
+    return 10 ** (db / 20) / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
 
 
 @functools.lru_cache(maxsize=8)
-def _k_weighting_response(sample_rate: int) -> np.ndarray:
+def k_weighting_response(sample_rate: int) -> np.ndarray:
     """Impulse response of pyloudnorm's BS.1770 K-weighting biquads, 0.2 s long (decayed below 1e-6)."""
     impulse = np.zeros(max(int(0.2 * sample_rate), 256))
     impulse[0] = 1.0
@@ -78,11 +83,10 @@ def _k_weighting_response(sample_rate: int) -> np.ndarray:
     return impulse.astype(np.float32)
 
 
-def k_weight(x: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """K-weighting of ``x (..., T)`` by FFT convolution with the truncated impulse response."""
-    response = torch.from_numpy(_k_weighting_response(int(sample_rate))).to(x)
+def k_weight(x: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    """K-weighting of ``x (..., T)`` by FFT convolution with the truncated impulse ``response``."""
     size = x.shape[-1] + response.numel() - 1
-    spectrum = torch.fft.rfft(x, n=size) * torch.fft.rfft(response, n=size)
+    spectrum = torch.fft.rfft(x, n=size) * torch.fft.rfft(response.to(x.dtype), n=size)
     return torch.fft.irfft(spectrum, n=size)[..., :x.shape[-1]]
 
 
@@ -93,13 +97,29 @@ def _frames(x: torch.Tensor, length: int, hop: int) -> torch.Tensor:
     return x.unfold(-1, length, hop)
 
 
-def loudness_peak_frames(x: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _frame_blocks(samples: int, length: int, hop: int) -> list[tuple[int, int]]:
+    """Sample ranges of consecutive blocks of at most :data:`BLOCK_FRAMES` whole frames of a
+    ``length``/``hop`` grid; together they hold every frame of ``samples`` samples once."""
+    if samples < length:
+        raise ValueError(f"segment of {samples} samples is shorter than one analysis frame ({length} samples)")
+    count = (samples - length) // hop + 1
+    return [(first * hop, (min(first + BLOCK_FRAMES, count) - 1) * hop + length)
+            for first in range(0, count, BLOCK_FRAMES)]
+
+
+def loudness_peak_frames(x: torch.Tensor, sample_rate: int, response: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 2, T)`` -> frame loudness (LUFS) and frame peak (dBFS), each ``(B, N)``."""
+    if response is None:
+        response = torch.from_numpy(k_weighting_response(int(sample_rate))).to(x.device)
     length, hop = round(0.4 * sample_rate), round(0.2 * sample_rate)
-    weighted = _frames(k_weight(x, sample_rate), length, hop)
-    loudness = -0.691 + 10 * torch.log10(weighted.pow(2).mean(-1).sum(1).clamp_min(1e-7))
-    peak = _db(_frames(x, length, hop).abs().amax(dim=(1, -1)), 1e-5)
-    return loudness, peak
+    loudness, peak = [], []
+    for start, stop in _frame_blocks(x.shape[-1], length, hop):
+        context = min(start, response.numel() - 1)  # the causal filter's memory: exact at block edges
+        weighted = _frames(k_weight(x[..., start - context:stop], response)[..., context:], length, hop)
+        loudness.append(-0.691 + 10 * torch.log10(weighted.pow(2).mean(-1).sum(1).clamp_min(1e-7)))
+        peak.append(_db(_frames(x[..., start:stop], length, hop).abs().amax(dim=(1, -1)), 1e-5))
+    return torch.cat(loudness, -1), torch.cat(peak, -1)
 
 
 def magnitude_spectrogram(x: torch.Tensor) -> torch.Tensor:
@@ -184,30 +204,34 @@ def _mape(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None
     return torch.stack(values)
 
 
-def mix_feature_errors(output: torch.Tensor, target: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Per-segment errors ``(B, len(METRIC_NAMES) - 1)`` between ``(B, 2, T)`` mixes, in the order of
-    ``MAPE_FEATURES`` followed by ``l1`` and ``l2``."""
+def frame_features(x: torch.Tensor, sample_rate: int, response: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Every MAPE feature of ``(B, 2, T)`` mixes per frame, ``{name: (B, N)}``, computed in blocks."""
+    features = dict(zip(("loudness", "peak"), loudness_peak_frames(x, sample_rate, response)))
+    gain = _peak_normalising_gain(x)
+    blocks = []
+    for start, stop in _frame_blocks(x.shape[-1], N_FFT, HOP):
+        normalised = x[..., start:stop] * gain
+        spec = magnitude_spectrogram(normalised)
+        blocks.append({**spectral_frames(spec, sample_rate), **panning_frames(spec, sample_rate),
+                       **dynamics_frames(normalised)})
+    features.update({name: torch.cat([block[name] for block in blocks], -1) for name in blocks[0]})
+    return features
+
+
+def mix_feature_errors(output: torch.Tensor, target: torch.Tensor, sample_rate: int,
+                       response: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-item errors ``(B, len(METRIC_NAMES) - 1)`` between ``(B, 2, T)`` mixes (segments or whole
+    songs), in the order of ``MAPE_FEATURES`` followed by ``l1`` and ``l2``. ``response`` is the
+    K-weighting impulse response on the mixes' device (built from the sample rate when None)."""
     if output.shape != target.shape or output.ndim != 3 or output.shape[1] != 2:
         raise ValueError(f"expected matching (B, 2, T) mixes, got {tuple(output.shape)} and "
                          f"{tuple(target.shape)}")
     output, target = output.float(), target.float()
-    errors = {}
-    for name, out, tar in zip(("loudness", "peak"), loudness_peak_frames(output, sample_rate),
-                              loudness_peak_frames(target, sample_rate)):
-        errors[name] = _mape(out, tar)
-    out_norm, tar_norm = _peak_normalise(output), _peak_normalise(target)
-    out_spec, tar_spec = magnitude_spectrogram(out_norm), magnitude_spectrogram(tar_norm)
-    out_spectral, tar_spectral = spectral_frames(out_spec, sample_rate), spectral_frames(tar_spec, sample_rate)
-    for name in out_spectral:
-        errors[name] = _mape(out_spectral[name], tar_spectral[name])
-    out_pan, tar_pan = panning_frames(out_spec, sample_rate), panning_frames(tar_spec, sample_rate)
-    panned = tar_pan["panning_all"] > 0
-    for name in out_pan:
-        errors[name] = _mape(out_pan[name], tar_pan[name], panned)
-    out_dyn, tar_dyn = dynamics_frames(out_norm), dynamics_frames(tar_norm)
-    for name in out_dyn:
-        errors[name] = _mape(out_dyn[name], tar_dyn[name])
-    columns = [errors[name] for name in MAPE_FEATURES]
+    out, tar = frame_features(output, sample_rate, response), frame_features(target, sample_rate, response)
+    panned = tar["panning_all"] > 0
+    columns = [_mape(out[name], tar[name], panned if name.startswith("panning") else None)
+               for name in MAPE_FEATURES]
     columns.append((output - target).abs().mean(dim=(1, 2)))
     columns.append((output - target).pow(2).mean(dim=(1, 2)))
     return torch.stack(columns, dim=1)
@@ -234,9 +258,11 @@ class MixFeatureError(Metric):
         self.sample_rate = sample_rate
         self.add_state("errors", default=[], dist_reduce_fx="cat")
         self.add_state("fingerprints", default=[], dist_reduce_fx="cat")
+        response = torch.from_numpy(k_weighting_response(int(sample_rate)))
+        self.register_buffer("response", response, persistent=False)  # moves with the metric
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        self.errors.append(mix_feature_errors(output, target, self.sample_rate))
+        self.errors.append(mix_feature_errors(output, target, self.sample_rate, self.response))
         self.fingerprints.append(_fingerprint(target))
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -269,41 +295,57 @@ def save_spectrograms(path: Path, audio: dict[str, np.ndarray], sample_rate: int
 
 
 class MixMetrics(pl.Callback):
-    """Logs ``val/mix/<name>`` for every ``MixFeatureError`` value at each validation epoch end, and
-    with ``baseline=True`` also ``val/mix/baseline/<name>`` for the plain sum of the input stems.
+    """Logs ``<stage>/mix/<name>`` for every ``MixFeatureError`` value at the end of each validation
+    (10 s segments) and test (whole songs) epoch, and with ``plain_sum=True`` also
+    ``<stage>/mix/sum/<name>`` for the plain sum of the input stems.
 
     On global rank 0 it also writes input (sum of stems) / output / target WAVs and a spectrogram PNG
     of the first ``n_media`` segments of the first validation batch to
     ``<default_root_dir>/media/epoch_NNN/`` and logs them to every attached ``WandbLogger``. Needs
-    the module's ``validation_step`` to return ``{"mix": output}``; the sanity check is skipped.
+    the module's ``validation_step`` and ``test_step`` to return ``{"mix": output}``; the sanity
+    check is skipped.
     """
 
-    def __init__(self, sample_rate: int = 44100, n_media: int = 2, baseline: bool = True):
+    def __init__(self, sample_rate: int = 44100, n_media: int = 2, plain_sum: bool = True):
         super().__init__()
         self.sample_rate = sample_rate
         self.n_media = n_media
-        self.baseline = baseline
+        self.plain_sum = plain_sum
         self.metric = MixFeatureError(sample_rate)
-        self.baseline_metric = MixFeatureError(sample_rate)
+        self.sum_metric = MixFeatureError(sample_rate)
         self._media: dict[str, np.ndarray] = {}
 
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+    def _start(self, pl_module) -> None:
         self.metric.to(pl_module.device).reset()
-        self.baseline_metric.to(pl_module.device).reset()
+        self.sum_metric.to(pl_module.device).reset()
         self._media = {}
+
+    def _update(self, outputs, batch) -> torch.Tensor:
+        if not isinstance(outputs, dict) or outputs.get("mix") is None:
+            raise KeyError("MixMetrics needs the module's step to return a dict with the output 'mix'")
+        stems, target = batch
+        plain_sum = stems.unflatten(1, (-1, 2)).sum(1)
+        self.metric.update(outputs["mix"], target)
+        if self.plain_sum:
+            self.sum_metric.update(plain_sum, target)
+        return plain_sum
+
+    def _log(self, pl_module, stage: str) -> None:
+        values = {f"{stage}/mix/{name}": value for name, value in self.metric.compute().items()}
+        if self.plain_sum:
+            values.update({f"{stage}/mix/sum/{name}": value for name, value in self.sum_metric.compute().items()})
+        pl_module.log_dict(values)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking:
             return
-        if not isinstance(outputs, dict) or outputs.get("mix") is None:
-            raise KeyError("MixMetrics needs validation_step to return a dict with the output 'mix'")
-        stems, target = batch
-        plain_sum = stems.unflatten(1, (-1, 2)).sum(1)
-        self.metric.update(outputs["mix"], target)
-        if self.baseline:
-            self.baseline_metric.update(plain_sum, target)
+        plain_sum = self._update(outputs, batch)
         if trainer.is_global_zero and not self._media:
+            target = batch[1]
             count = min(self.n_media, target.shape[0])
             self._media = {name: tensor[:count].float().cpu().numpy() for name, tensor in
                            (("input", plain_sum), ("output", outputs["mix"]), ("target", target))}
@@ -311,13 +353,18 @@ class MixMetrics(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        values = {f"val/mix/{name}": value for name, value in self.metric.compute().items()}
-        if self.baseline:
-            values.update({f"val/mix/baseline/{name}": value
-                           for name, value in self.baseline_metric.compute().items()})
-        pl_module.log_dict(values)
+        self._log(pl_module, "val")
         if trainer.is_global_zero and self._media:
             self._write_media(trainer)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._update(outputs, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
 
     def _write_media(self, trainer) -> None:
         folder = Path(trainer.default_root_dir) / "media" / f"epoch_{trainer.current_epoch:03d}"

@@ -4,7 +4,7 @@ DataModules and their loaders (this folder's modules):
     ``phrases`` (pianoroll phrases for the VQ-VAE and CNN-VAE), ``phrase_scoring`` (whole phrase caches
     for the loop detector to score), ``audio_loops`` (C_WAV vectors of audio loops), ``codes`` (VQ-VAE
     code indices for the prior), ``multitrack`` (effect-normalised stems and their mixture),
-    ``sharding`` (evaluation sharding across ranks).
+    ``sharding`` (evaluation sharding across ranks), ``splits`` (train/validation splits by song).
 Data-side domain code (sub-packages):
     ``pianoroll`` (MIDI <-> phrases, the bit-packed phrase cache, bulk ingest, phrase audio),
     ``correlation`` (C_MIDI and C_WAV), ``fxnorm`` (effect normalisation of stems).

@@ -4,13 +4,16 @@ Layout of a code cache folder (written atomically, all or nothing)::
 
     codes.npy                       (N, S) int16   code indices per phrase (S = 32)
     first_index_distribution.npy    (K,)   float64 empirical distribution of codes[:, 0]
+    sources.npz                     the phrase behind each row: ``files`` (F,) str, ``file_index`` (N,)
+                                    int32, ``start_bars`` (N,) int64 (the song-level split reads them)
     meta.json                       {"vqvae_ckpt", "phrases", "num_phrases", "num_codes", "code_steps"}
 
 Build one with::
 
     python -m datamodules.codes encode --ckpt VQVAE.ckpt --phrases PHRASE_CACHE --out CODE_CACHE
 
-``CodeDataModule`` serves (B, S) LongTensor batches of it to the autoregressive prior.
+``CodeDataModule`` serves (B, S) LongTensor batches of it to the autoregressive prior, split by
+song as the phrase DataModule splits phrases.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from tqdm import tqdm
 
 from datamodules.pianoroll import load_phrase_cache, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
+from datamodules.splits import describe_split, song_split
 from framework.io import atomic_path
 from lightning_modules.vqvae import VQVAE
 
 CODES_FILE = "codes.npy"
 FIRST_INDEX_FILE = "first_index_distribution.npy"
+SOURCES_FILE = "sources.npz"
 META_FILE = "meta.json"
 CODE_DTYPE = np.int16
 
@@ -90,6 +95,7 @@ def encode_phrase_cache(
         tmp.mkdir()
         np.save(tmp / CODES_FILE, codes)
         np.save(tmp / FIRST_INDEX_FILE, empirical_first_index_distribution(codes, vqvae.num_codes))
+        np.savez(tmp / SOURCES_FILE, files=cache.files, file_index=cache.file_index, start_bars=cache.start_bars)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
@@ -121,6 +127,18 @@ def load_codes(codes_dir: str | Path) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(codes.astype(np.int64)), torch.from_numpy(distribution)
 
 
+def load_source_index(codes_dir: str | Path) -> np.ndarray:
+    """(N,) int: the source file of each code sequence, as an index into the cache's ``files``."""
+    path = Path(codes_dir) / SOURCES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {codes_dir} does not say which song each code sequence comes from, so it "
+            f"cannot be split by song. Encode the phrases again with `python -m datamodules.codes encode ...`."
+        )
+    with np.load(path) as sources:
+        return sources["file_index"]
+
+
 class _CodeRows(Dataset):
     """Rows of a (N, S) code tensor; ``__getitems__`` serves a whole batch with one indexing operation."""
 
@@ -143,11 +161,15 @@ def _whole_batch(batch: Tensor) -> Tensor:
 
 
 class CodeDataModule(pl.LightningDataModule):
-    """(B, S) LongTensor batches of a code cache, split ``val_fraction`` for validation by a seeded shuffle.
+    """(B, S) LongTensor batches of a code cache; ``val_fraction`` of them validate, as whole songs.
+
+    Every code sequence of a source file lies in one split (:func:`datamodules.splits.song_split`,
+    seeded with ``seed``), so the prior is validated on songs it never saw; ``splits`` holds the
+    row indices of each split.
 
     ``num_codes`` and ``vqvae_ckpt`` come from meta.json; ``first_index_distribution`` is the
     empirical distribution of the first index over the training split (the prior's z_0);
-    ``val_phrases()`` serves the validation split as phrases for the generation metrics.
+    ``val_packed()`` serves the validation split, bit-packed, as the real phrases of the generation metrics.
     """
 
     def __init__(self, codes: str, batch_size: int = 2048, val_fraction: float = 0.05, seed: int = 0, num_workers: int = 0):
@@ -161,8 +183,7 @@ class CodeDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.train_codes: Tensor | None = None
         self.val_codes: Tensor | None = None
-        self.train_index: Tensor | None = None
-        self.val_index: Tensor | None = None
+        self.splits: dict[str, np.ndarray] = {}
 
     @cached_property
     def meta(self) -> dict:
@@ -176,26 +197,31 @@ class CodeDataModule(pl.LightningDataModule):
     def vqvae_ckpt(self) -> str | None:
         return self.meta["vqvae_ckpt"]
 
-    def _split(self, n: int) -> tuple[Tensor, Tensor]:
-        """Positions in the cache of the training and the validation sequences (a seeded shuffle)."""
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(round(n * self.val_fraction))
-        if n - n_val < 1:
-            raise ValueError(f"{self.codes_dir}: {n} code sequences leave none for training.")
-        return order[n_val:], order[:n_val]
+    def _song_split(self, n_codes: int) -> dict[str, np.ndarray]:
+        source_index = load_source_index(self.codes_dir)
+        if len(source_index) != n_codes:
+            raise ValueError(f"{self.codes_dir}: {n_codes} code sequences but {len(source_index)} sources.")
+        splits = song_split(source_index, {"val": self.val_fraction}, self.seed)
+        if len(splits["train"]) < 1 or (self.val_fraction > 0 and len(splits["val"]) < 1):
+            raise ValueError(
+                f"{self.codes_dir}: {n_codes} code sequences are too few for val_fraction={self.val_fraction} "
+                f"by song ({describe_split(splits, source_index)})."
+            )
+        return splits
 
     def prepare_data(self) -> None:
         load_meta(self.codes_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_codes is None:
-            codes, _ = load_codes(self.codes_dir)
-            self.train_index, self.val_index = self._split(len(codes))
-            self.train_codes, self.val_codes = codes[self.train_index], codes[self.val_index]
+        if self.train_codes is not None:
+            return
+        codes, _ = load_codes(self.codes_dir)
+        self.splits = self._song_split(len(codes))
+        self.train_codes, self.val_codes = (codes[torch.from_numpy(self.splits[name])] for name in ("train", "val"))
 
-    def val_phrases(self) -> Tensor:
-        """The phrases the validation sequences were encoded from, bool (N_val, 128, 57): the real
-        side of the generation metrics, read from the phrase cache that meta.json records."""
+    def val_packed(self) -> Tensor:
+        """The phrases the validation sequences were encoded from, bit-packed (N_val, 912) uint8: the
+        real side of the generation metrics, read from the phrase cache that meta.json records."""
         self.setup()
         source = self.meta["phrases"]
         try:
@@ -205,7 +231,7 @@ class CodeDataModule(pl.LightningDataModule):
         if len(packed) != self.meta["num_phrases"]:
             raise ValueError(f"phrase cache {source} holds {len(packed)} phrases, the code cache "
                              f"{self.meta['num_phrases']}: it changed after encoding.")
-        return unpack_phrases(torch.from_numpy(packed[self.val_index.numpy()]))
+        return torch.from_numpy(np.asarray(packed[self.splits["val"]]))
 
     @cached_property
     def first_index_distribution(self) -> Tensor:

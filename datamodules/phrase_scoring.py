@@ -1,7 +1,9 @@
 """Phrase caches for the loop detector to score: whole packed batches, and labelled phrases.
 
 - :class:`PhraseScoringDataModule` serves a phrase cache for ``predict`` as ready-made batches of
-  bit-packed phrases with their cache indices (no per-phrase Python work), sharded over ranks.
+  bit-packed phrases with their cache indices (no per-phrase Python work), sharded over ranks;
+  each batch is read from the shard files when it is served, so a rank reads only its own batches
+  and holds one batch at a time, whatever the size of the cache.
 - :func:`load_labelled_phrases` pairs a phrase cache with the ``labels.json`` of its MIDI folder.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.demo import ensure_demo_input, read_window_labels
-from datamodules.pianoroll import REPORT_NAME, PhraseCache, ingest, load_phrase_cache
+from datamodules.pianoroll import REPORT_NAME, PackedShards, PhraseCache, ingest, load_phrase_cache
 
 
 def ensure_phrase_cache(cache: str | Path, midi: str | Path | None, demo: str | Path | None, workers: int = 1) -> Path:
@@ -40,11 +42,13 @@ def ensure_phrase_cache(cache: str | Path, midi: str | Path | None, demo: str | 
 class PackedPhraseBatches(Dataset):
     """Item ``b`` is batch ``b`` of a phrase cache: ``(indices int64 (n,), packed uint8 (n, 912))``.
 
-    Slicing whole batches keeps Python overhead per batch, not per phrase. An empty cache still
-    yields one (empty) batch so every consumer runs its end-of-epoch code and writes its outputs.
+    ``packed`` is a cache's :class:`~datamodules.pianoroll.PackedShards` (a batch is one read) or
+    an array. Slicing whole batches keeps Python overhead per batch, not per phrase. An empty
+    cache still yields one (empty) batch so every consumer runs its end-of-epoch code and writes
+    its outputs.
     """
 
-    def __init__(self, packed: np.ndarray, batch_size: int):
+    def __init__(self, packed: PackedShards | np.ndarray, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.packed, self.batch_size = packed, batch_size
@@ -131,5 +135,5 @@ def load_labelled_phrases(cache: str | Path, midi: str | Path, labels: str | Pat
             missing += 1
         else:
             label[index] = int(loop)
-    return LabelledPhrases(packed=phrases.packed, label=label, missing=missing)
+    return LabelledPhrases(packed=np.asarray(phrases.packed), label=label, missing=missing)
 

@@ -1,8 +1,9 @@
-"""The phrase DataModule: a bit-packed phrase cache held in memory, served in whole-batch slices.
+"""The phrase DataModule: a bit-packed phrase cache, split by song, served in whole-batch reads.
 
 Batch format: a float tensor (B, 128, 57) of 0/1 cells, time-major (8 bars x 16 steps; columns 0-8
 drum classes, 9-56 bass pitches 24..71), unpacked from (B, 912) uint8 on the training device in
-``on_after_batch_transfer`` so that only packed bytes cross the host-device link.
+``on_after_batch_transfer`` so that only packed bytes cross the host-device link. The packed
+phrases stay on disk (:class:`~datamodules.pianoroll.PackedShards`): a batch reads its rows.
 """
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.demo import ensure_demo_input
-from datamodules.pianoroll import REPORT_NAME, ingest, load_phrase_cache, unpack_phrases
+from datamodules.pianoroll import REPORT_NAME, PhraseCache, ingest, load_phrase_cache, unpack_first_steps, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
+from datamodules.splits import describe_split, song_split
 
 
 class PackedPhrases(Dataset):
-    """Rows ``index`` of a packed (N, 912) uint8 tensor; ``__getitems__`` fetches a batch in one gather."""
+    """Rows ``index`` of packed (N, 912) uint8 phrases (a cache's ``PackedShards`` or an array);
+    ``__getitems__`` fetches a whole batch with one read."""
 
-    def __init__(self, packed: torch.Tensor, index: torch.Tensor):
+    def __init__(self, packed, index: torch.Tensor):
         self.packed = packed
         self.index = index
 
@@ -29,10 +32,10 @@ class PackedPhrases(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.packed[self.index[i]]
+        return torch.from_numpy(self.packed[int(self.index[i])])
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.packed[self.index[torch.as_tensor(indices, dtype=torch.long)]]
+        return torch.from_numpy(self.packed[self.index[torch.as_tensor(indices, dtype=torch.long)].numpy()])
 
 
 def _as_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -41,16 +44,20 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
 
 
 class PhraseDataModule(pl.LightningDataModule):
-    """Phrases from a phrase cache, split into train/validation (and optionally test) by a seeded permutation.
+    """Phrases from a phrase cache, split into train/validation (and optionally test) by song.
+
+    Every phrase of a source file lies in one split (:func:`datamodules.splits.song_split`):
+    neighbouring phrases share 7 of their 8 bars, so a split by phrase would validate on
+    near-copies of training phrases. The shares are met to within one file.
 
     Args:
         cache: phrase cache folder (``datamodules.pianoroll.ingest`` output).
         midi: MIDI folder ingested into ``cache`` by ``prepare_data`` when the cache is missing.
         demo_root: the built-in demo data folder; when ``midi`` is missing and lies inside it,
             ``prepare_data`` first creates the demo MIDI files (a missing folder elsewhere is an error).
-        val_fraction, test_fraction: shares of the phrases held out; without a test share,
-            ``test_dataloader`` serves the validation split.
-        seed: seed of the split permutation (independent of the global seed).
+        val_fraction, test_fraction: shares of the phrases held out, as whole source files; without a
+            test share, ``test_dataloader`` serves the validation split.
+        seed: seed of the shuffle of the source files (independent of the global seed).
         ingest_workers: processes used when ``prepare_data`` ingests.
     """
 
@@ -71,7 +78,7 @@ class PhraseDataModule(pl.LightningDataModule):
         self.cache = Path(cache)
         self.midi = Path(midi) if midi is not None else None
         self.demo_root = Path(demo_root) if demo_root is not None else None
-        self.packed: torch.Tensor | None = None
+        self.phrases: PhraseCache | None = None
         self.splits: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:
@@ -81,32 +88,27 @@ class PhraseDataModule(pl.LightningDataModule):
         ingest(self.midi, self.cache, workers=self.hparams.ingest_workers)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.packed is not None:
+        if self.phrases is not None:
             return
-        packed = load_phrase_cache(self.cache).packed
-        n = len(packed)
-        n_val = int(round(n * self.hparams.val_fraction))
-        n_test = int(round(n * self.hparams.test_fraction))
-        n_train = n - n_val - n_test
-        if n_train < 1 or n_val < 1 or (self.hparams.test_fraction > 0 and n_test < 1):
+        phrases = load_phrase_cache(self.cache)
+        fractions = {"val": self.hparams.val_fraction, "test": self.hparams.test_fraction}
+        splits = song_split(phrases.file_index, fractions, int(self.hparams.seed))
+        wanted = ("train", "val", "test") if self.hparams.test_fraction > 0 else ("train", "val")
+        if any(len(splits[name]) == 0 for name in wanted):
             raise ValueError(
-                f"phrase cache {self.cache} holds {n} phrases: too few for val_fraction="
-                f"{self.hparams.val_fraction}, test_fraction={self.hparams.test_fraction} "
-                f"(train {n_train}, val {n_val}, test {n_test})"
+                f"phrase cache {self.cache} holds {len(phrases)} phrases of {len(np.unique(phrases.file_index))} "
+                f"files: too few for val_fraction={self.hparams.val_fraction}, test_fraction="
+                f"{self.hparams.test_fraction} by song ({describe_split(splits, phrases.file_index)})"
             )
-        generator = torch.Generator().manual_seed(int(self.hparams.seed))
-        order = torch.randperm(n, generator=generator)
-        self.packed = torch.from_numpy(np.ascontiguousarray(packed))
-        self.splits = {
-            "train": order[:n_train],
-            "val": order[n_train : n_train + n_val],
-            "test": order[n_train + n_val :] if n_test else order[n_train : n_train + n_val],
-        }
+        if self.hparams.test_fraction <= 0:
+            splits["test"] = splits["val"]
+        self.phrases = phrases
+        self.splits = {name: torch.from_numpy(index) for name, index in splits.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """Training batches are shuffled (Lightning shards them under DDP); evaluation batches are
         sharded across ranks without padding, so no phrase is counted twice."""
-        dataset = PackedPhrases(self.packed, self.splits[split])
+        dataset = PackedPhrases(self.phrases.packed, self.splits[split])
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -129,14 +131,24 @@ class PhraseDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         return unpack_phrases(batch).float()
 
-    def _unpacked(self, split: str) -> torch.BoolTensor:
+    def packed_phrases(self, split: str) -> torch.Tensor:
+        """The whole ``split`` ("train", "val" or "test"), bit-packed: (N, 912) uint8, 912 bytes a phrase."""
         self.setup()
-        return unpack_phrases(self.packed[self.splits[split]])
+        return torch.from_numpy(self.phrases.packed[self.splits[split].numpy()])
 
     def train_phrases(self) -> torch.BoolTensor:
-        """The whole training split, unpacked: (N, 128, 57) bool."""
-        return self._unpacked("train")
+        """The whole training split, unpacked: (N, 128, 57) bool (7,296 bytes a phrase)."""
+        return unpack_phrases(self.packed_phrases("train"))
+
+    def train_first_steps(self) -> torch.BoolTensor:
+        """Step 0 of every training phrase, (N, 57) bool, unpacked from the first bytes of each phrase only."""
+        self.setup()
+        return unpack_first_steps(self.phrases.packed, self.splits["train"])
 
     def val_phrases(self) -> torch.BoolTensor:
         """The whole validation split, unpacked: (N, 128, 57) bool (e.g. the real set of generative metrics)."""
-        return self._unpacked("val")
+        return unpack_phrases(self.packed_phrases("val"))
+
+    def val_packed(self) -> torch.Tensor:
+        """The validation split bit-packed, (N, 912) uint8: what ``GenerationMetrics`` subsamples before unpacking."""
+        return self.packed_phrases("val")

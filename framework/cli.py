@@ -8,16 +8,21 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig
 
 from framework.config import ConfigError
+from framework.errors import InputError
 
 
 def script_main(run: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
                 report: Callable[[Any], int | None] | None = None) -> int:
-    """Call ``run(argv)`` (default: the command line); a ConfigError prints one line and gives exit
-    code 2 instead of a traceback. ``report`` receives the result and may return an exit code."""
+    """Call ``run(argv)`` (default: the command line); a ConfigError or an InputError prints one line
+    and gives exit code 2 instead of a traceback. ``report`` receives the result and may return an
+    exit code."""
     try:
         result = run(sys.argv[1:] if argv is None else list(argv))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except InputError as err:
+        print(f"input error: {err}", file=sys.stderr)
         return 2
     return (report(result) or 0) if report else 0
 

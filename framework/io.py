@@ -29,3 +29,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def save_checkpoint(module, path: str | os.PathLike) -> str:
+    """Save a LightningModule built outside a Trainer (untrained, or set by hand) as a checkpoint, atomically.
+
+    ``type(module).load_from_checkpoint(path)`` restores it: the file holds its state dict and
+    hyperparameters as a Trainer's checkpoint would.
+    """
+    import pytorch_lightning as pl
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "pytorch-lightning_version": pl.__version__}, tmp)
+    return str(path)

@@ -5,12 +5,21 @@ standard deviation of a 512-dimensional diagonal Gaussian; decoder Linear 512 ->
 VQ-VAE's upsampling path -> logits. Both loss terms are per cell: mean BCE over the 128 x 57 cells
 + beta x KL / (128 x 57), so beta = 1 is the ELBO divided by the number of cells; beta rises
 linearly from 0 to 1 over ``kl_warmup_epochs`` (fractional epochs, updated every step).
+
+The decoder's BatchNorm layers learn their running statistics from posterior samples z ~ q(z|x).
+Latents drawn from the prior N(0, I) reach the decoder with other statistics (the aggregate
+posterior never matches the prior exactly), and normalised with the posterior's statistics they
+decode to thin phrases: fewer and fainter cells, most of them below the 0.5 threshold. Decoding
+prior samples (:meth:`CNNVAE.sample`, ``decode(z, prior_statistics=True)``) therefore normalises
+with statistics measured on decoded prior latents: ``prior_calibration_samples`` latents from a
+fixed seed, decoded with batch statistics, re-measured whenever the weights have changed.
 """
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn import functional as F
 from torchmetrics.classification import BinaryHammingDistance
 
@@ -20,6 +29,8 @@ from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cos
 
 # Smallest standard deviation: keeps log(sigma) in the KL finite when softplus underflows.
 MIN_SIGMA = 1e-5
+# Seed of the prior latents that calibrate the decoder's BatchNorm statistics for sampling.
+CALIBRATION_SEED = 0
 
 
 def kl_weight(epochs_done: float, warmup_epochs: float) -> float:
@@ -40,8 +51,11 @@ class CNNVAE(pl.LightningModule):
         channels: int = 128,
         latent_dim: int = 512,
         kl_warmup_epochs: float = 50.0,
+        prior_calibration_samples: int = 1024,
     ):
         super().__init__()
+        if prior_calibration_samples < 2:
+            raise ValueError(f"model.prior_calibration_samples={prior_calibration_samples} must be at least 2")
         self.save_hyperparameters()
         self.code_steps = PHRASE_STEPS // 4
         flat = channels * self.code_steps
@@ -51,6 +65,7 @@ class CNNVAE(pl.LightningModule):
         self.decoder = UpsamplingDecoder(channels, PHRASE_COLUMNS)
         self.val_hamming = hamming_error()
         self.test_hamming = hamming_error()
+        self._prior_statistics: tuple[tuple, dict[str, Tensor]] | None = None
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation (B, latent_dim) of q(z | x) for phrases (B, 128, 57)."""
@@ -60,10 +75,60 @@ class CNNVAE(pl.LightningModule):
         mu, sigma = self.to_posterior(features).chunk(2, dim=1)
         return mu, F.softplus(sigma) + MIN_SIGMA
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Logits (B, 128, 57) for latents (B, latent_dim)."""
+    def decode(self, z: Tensor, prior_statistics: bool = False) -> Tensor:
+        """Logits (B, 128, 57) for latents (B, latent_dim).
+
+        In eval mode, ``prior_statistics=True`` normalises with the BatchNorm statistics of decoded
+        prior samples (for latents drawn from N(0, I)); otherwise with the running statistics
+        learnt in training (for latents from the posterior).
+        """
         features = self.from_latent(z).view(z.shape[0], self.hparams.channels, self.code_steps)
+        if prior_statistics and not self.training:
+            return functional_call(self.decoder, self.prior_statistics(), (features,)).transpose(1, 2)
         return self.decoder(features).transpose(1, 2)
+
+    def prior_statistics(self) -> dict[str, Tensor]:
+        """The decoder's BatchNorm running means and variances measured on decoded prior latents.
+
+        ``prior_calibration_samples`` latents from a fixed seed are decoded in one batch with
+        batch statistics (each layer normalised by the statistics of its own input); the input
+        statistics of every BatchNorm layer are kept, keyed as the decoder's buffers. Cached until a
+        parameter changes (an optimiser step, a load) or the model moves.
+        """
+        parameters = list(self.parameters())
+        key = (parameters[0].device, parameters[0].dtype, *(p._version for p in parameters))
+        if self._prior_statistics is None or self._prior_statistics[0] != key:
+            self._prior_statistics = key, self._measure_prior_statistics()
+        return self._prior_statistics[1]
+
+    @torch.no_grad()
+    def _measure_prior_statistics(self) -> dict[str, Tensor]:
+        weight = self.from_latent.weight
+        generator = torch.Generator(weight.device).manual_seed(CALIBRATION_SEED)
+        z = torch.randn(self.hparams.prior_calibration_samples, self.hparams.latent_dim, generator=generator,
+                        device=weight.device, dtype=weight.dtype)
+        features = self.from_latent(z).view(len(z), self.hparams.channels, self.code_steps)
+        measured: dict[str, Tensor] = {}
+
+        def record(name: str):
+            def hook(module: nn.Module, inputs: tuple[Tensor]) -> None:
+                measured[f"{name}.running_mean"] = inputs[0].mean(dim=(0, 2))
+                # biased, as BatchNorm normalises a batch: eval mode then reproduces the calibration pass
+                measured[f"{name}.running_var"] = inputs[0].var(dim=(0, 2), correction=0)
+            return hook
+
+        norms = [(name, m) for name, m in self.decoder.named_modules() if isinstance(m, nn.BatchNorm1d)]
+        handles = [module.register_forward_pre_hook(record(name)) for name, module in norms]
+        # Copies of the buffers take the running-statistics updates of this train-mode pass.
+        buffers = {name: buffer.clone() for name, buffer in self.decoder.named_buffers()}
+        was_training = self.decoder.training
+        try:
+            functional_call(self.decoder.train(), buffers, (features,))
+        finally:
+            self.decoder.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return measured
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Logits from a reparameterised posterior sample, and the posterior's mean and std."""
@@ -76,7 +141,7 @@ class CNNVAE(pl.LightningModule):
         """``n`` phrases, bool (n, 128, 57), decoded from z ~ N(0, I) drawn with ``generator``
         (which must live on the module's device)."""
         z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=module_device(self))
-        return threshold(torch.sigmoid(self.decode(z)))
+        return threshold(torch.sigmoid(self.decode(z, prior_statistics=True)))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -1,12 +1,15 @@
 """Loop extraction: score every phrase of a phrase cache with a trained detector, keep the loops.
 
 Run as ``python train.py experiment=extract_loops detector=CKPT phrases=DIR out=DIR``. Each rank
-scores its shard of batches on its device (C_MIDI straight from the packed bits, one call per
-batch); at the end the (phrase index, score) pairs of all ranks are gathered and de-duplicated by
-index, so the result does not depend on the number of devices. Rank zero then writes into ``out``:
+reads and scores only its shard of batches, one batch in memory at a time, on its device (C_MIDI
+straight from the packed bits, one call per batch); at the end the (phrase index, score) pairs of
+all ranks are gathered and de-duplicated by index, so the result does not depend on the number of
+devices. Memory grows by 12 bytes a phrase (indices and scores), not by the 912 of its bits. Rank
+zero then writes into ``out``:
 
-- the phrase cache of the phrases scoring below the detector's threshold (the loops), whose
-  ``report.json`` also holds the extraction report: counts, kept fraction, threshold, score quantiles;
+- the phrase cache of the phrases scoring below the detector's threshold (the loops), copied from
+  the input's shard files in chunks; its ``report.json`` also holds the extraction report: counts,
+  kept fraction, threshold, score quantiles;
 - ``scores.npy``: the float32 score of every input phrase, in input order;
 - ``scores.png``: the score histogram with the threshold marked.
 """
@@ -20,7 +23,6 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.loop_analysis import log_image, save_score_histogram
-from datamodules.pianoroll import write_phrase_cache
 from framework.io import atomic_path
 from lightning_modules.loop_detector import LoopDetector
 
@@ -90,9 +92,8 @@ class LoopExtractor(pl.LightningModule):
 
     def _write_outputs(self, scores: np.ndarray) -> None:
         threshold = self.detector.threshold
-        loops = self.trainer.datamodule.phrases.subset(np.flatnonzero(scores < threshold))
         report = extraction_report(scores, threshold, self.similarity)
-        write_phrase_cache(self.out, loops.packed, loops.sources, loops.start_bars, report=report)
+        self.trainer.datamodule.phrases.subset(np.flatnonzero(scores < threshold)).save(self.out, report)
         with atomic_path(self.out / "scores.npy") as tmp, open(tmp, "wb") as file:
             np.save(file, scores.astype(np.float32))
         histogram = save_score_histogram(scores, threshold, self.out / "scores.png", "Loop scores of all phrases")

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
+from datamodules.pianoroll import PACKED_BYTES, pack_phrases, unpack_phrases
 from framework.devices import module_device
 from lightning_modules.sampling import SAMPLING_MODES, SamplingSettings, filter_logits, invert_cdf, sample_from_logits
 from lightning_modules.vqvae import VQVAE, adamw_with_cosine, threshold
@@ -261,14 +262,22 @@ class LSTMPrior(pl.LightningModule):
 
 @dataclass
 class GeneratedLoops:
-    """Phrases kept by :func:`generate_loops` and how many candidates it took to find them."""
+    """Phrases kept by :func:`generate_loops` and how many candidates it took to find them.
 
-    phrases: torch.Tensor  # bool (A, 128, 57)
+    The phrases are kept bit-packed (912 bytes each, 8x less than bool): ``phrases`` unpacks them.
+    """
+
+    packed: torch.Tensor  # uint8 (A, 912)
     codes: torch.Tensor  # long (A, S)
     scores: torch.Tensor | None  # loop scores (A,), when a detector was given
     generated: int  # candidates sampled
     passed: int  # candidates under the threshold (all of them without rejection), >= A
     rounds: int  # batches sampled
+
+    @property
+    def phrases(self) -> torch.Tensor:
+        """The kept phrases, bool (A, 128, 57), unpacked anew on each access."""
+        return unpack_phrases(self.packed)
 
     @property
     def acceptance_rate(self) -> float:
@@ -297,7 +306,7 @@ def generate_loops(
     if threshold is not None and detector is None:
         raise ValueError("rejection sampling needs a loop detector: a threshold was given without one")
     settings = settings or {}
-    kept_phrases, kept_codes, kept_scores = [], [], []
+    kept_packed, kept_codes, kept_scores = [], [], []
     generated = passed = rounds = 0
     with tqdm(total=n, desc="generating loops", unit="loop", disable=not progress) as bar:
         while passed < n and (threshold is None or rounds < max_rounds):
@@ -306,7 +315,7 @@ def generate_loops(
             phrases = prior.decode(codes, batch_size=size)
             scores = detector.score_phrases(phrases).to(phrases.device) if detector is not None else None
             keep = scores < threshold if threshold is not None else torch.ones(size, dtype=torch.bool, device=phrases.device)
-            kept_phrases.append(phrases[keep].cpu())
+            kept_packed.append(pack_phrases(phrases[keep]).cpu())
             kept_codes.append(codes[keep].cpu())
             if scores is not None:
                 kept_scores.append(scores[keep].cpu())
@@ -314,7 +323,7 @@ def generate_loops(
             bar.set_postfix(generated=generated, acceptance=f"{passed / generated:.1%}", refresh=False)
             bar.update(min(passed, n) - bar.n)
     return GeneratedLoops(
-        phrases=torch.cat(kept_phrases)[:n] if kept_phrases else torch.zeros(0, 128, 57, dtype=torch.bool),
+        packed=torch.cat(kept_packed)[:n] if kept_packed else torch.zeros(0, PACKED_BYTES, dtype=torch.uint8),
         codes=torch.cat(kept_codes)[:n] if kept_codes else torch.zeros(0, prior.hparams.seq_len, dtype=torch.long),
         scores=torch.cat(kept_scores)[:n] if kept_scores else None,
         generated=generated,

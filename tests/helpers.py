@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pytorch_lightning as pl
 import torch
-from pytorch_lightning import Callback
+
+from framework.io import save_checkpoint  # noqa: F401  (tests save untrained modules with it)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,18 +24,24 @@ QUICK = {
     "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1",
               "callbacks.generation.every_n_epochs=1", "callbacks.generation.n_samples=32",
               "callbacks.generation.n_networks=2"],
+    "music_transformer": ["trainer.max_epochs=1", "model.hidden=32", "model.layers=1", "model.feed_forward=64",
+                          "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
+    "musegan": ["trainer.max_epochs=1", "model.generator_width=32", "model.critic_width=16",
+                "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
     "mixer_paper": ["datamodule.batch_size=1", "trainer.precision=32-true"],
 }
 
 
-def save_checkpoint(module, path) -> str:
-    """Save an (untrained) LightningModule so that ``Cls.load_from_checkpoint(path)`` restores it."""
-    import pytorch_lightning as pl
-    import torch
+def load_packed_in_memory(cache) -> np.ndarray:
+    """A phrase cache's packed phrases, every shard loaded whole and concatenated: the plain
+    in-memory reading that the on-demand reading must reproduce."""
+    import json
 
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, path)
-    return str(path)
+    import numpy as np
+
+    cache = Path(cache)
+    shards = json.loads((cache / "report.json").read_text())["shards"]
+    return np.concatenate([np.zeros((0, 912), np.uint8), *(np.load(cache / shard)["packed"] for shard in shards)])
 
 
 def run_train(args: Sequence[str]):
@@ -88,7 +96,7 @@ def assert_succeeded(result: subprocess.CompletedProcess) -> None:
         raise AssertionError(_failure(result.args, result))
 
 
-class RecordNoise(Callback):
+class RecordNoise(pl.Callback):
     """Saves, per rank, the first values the global RNG gives in training (``noise-rank<R>.pt``)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -96,10 +104,24 @@ class RecordNoise(Callback):
             torch.save(torch.rand(8), Path(trainer.default_root_dir) / f"noise-rank{trainer.global_rank}.pt")
 
 
-class KillRank(Callback):
+class KillRank(pl.Callback):
     """Kills its own process (SIGKILL, as the out-of-memory killer would) on rank 1 at the second
     training batch, while the other ranks carry on into the next gradient all-reduce."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == 1 and batch_idx == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ParametersAgreeAcrossRanks(pl.Callback):
+    """For multi-process tests: at the end of fitting, fail unless every rank holds the same parameters;
+    rank 0 then writes ``<default_root_dir>/ranks_agree.txt``. Add it to a run with
+    ``+callbacks.NAME._target_=tests.helpers.ParametersAgreeAcrossRanks``."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(flat)
+        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise AssertionError("parameters differ across ranks after training")
+        if trainer.is_global_zero:
+            Path(trainer.default_root_dir, "ranks_agree.txt").write_text(f"{trainer.world_size} ranks agree")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_modules.cnn_vae import CNNVAE, kl_weight
+from lightning_modules.cnn_vae import CALIBRATION_SEED, CNNVAE, kl_weight
 from lightning_modules.nets.conv_stacks import EncoderTrunk, UpsamplingDecoder
 from lightning_modules.vqvae import VQVAE
 from tests.test_vqvae import loop_phrases, quiet_trainer
@@ -77,3 +77,40 @@ def test_validation_logs_the_reconstruction_hamming_error():
     direct = (model.eval().reconstruct(loops) != loops.bool()).float().mean().item()
     assert metrics["val/hamming"] == pytest.approx(direct, abs=1e-7)
     assert {"val/loss", "val/bce", "val/kl"} <= metrics.keys()
+
+
+def calibration_latents(model: CNNVAE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    return torch.randn(model.hparams.prior_calibration_samples, model.hparams.latent_dim, generator=generator)
+
+
+def test_prior_samples_are_normalised_with_statistics_of_decoded_prior_latents():
+    torch.manual_seed(0)
+    model = CNNVAE(channels=8, latent_dim=16, prior_calibration_samples=64)
+    quiet_trainer(max_epochs=2).fit(model, DataLoader(loop_phrases(8).float(), batch_size=4))
+    model.eval()
+    z = calibration_latents(model)
+    with torch.no_grad():
+        calibrated = model.decode(z, prior_statistics=True)
+        posterior_statistics = model.decode(z)
+        batch_statistics = model.train().decode(z)
+    model.eval()
+    # eval-mode decoding with the prior statistics reproduces the batch-statistics pass they were measured in
+    torch.testing.assert_close(calibrated, batch_statistics, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(calibrated, posterior_statistics, atol=1e-2)
+    # the training running statistics are left untouched by the calibration
+    assert not torch.equal(model.decoder[1][1].running_mean, model.prior_statistics()["1.1.running_mean"])
+    expected = torch.sigmoid(model.decode(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)),
+                                          prior_statistics=True)) >= 0.5
+    assert torch.equal(model.sample(3, torch.Generator().manual_seed(5)), expected)
+
+
+def test_prior_statistics_follow_the_weights():
+    torch.manual_seed(1)
+    model = CNNVAE(channels=8, latent_dim=16, prior_calibration_samples=32).eval()
+    before = model.prior_statistics()
+    assert model.prior_statistics() is before  # cached while the weights stand still
+    with torch.no_grad():
+        model.from_latent.weight.mul_(2.0)
+    after = model.prior_statistics()
+    assert after is not before and not torch.equal(after["1.1.running_var"], before["1.1.running_var"])

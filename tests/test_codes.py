@@ -84,7 +84,7 @@ def test_missing_or_corrupt_cache_is_named(tmp_path, code_cache):
         load_codes(broken)
 
 
-def test_code_datamodule_splits_and_batches(code_cache, vqvae_ckpt):
+def test_code_datamodule_splits_by_song_and_batches(code_cache, vqvae_ckpt):
     module = CodeDataModule(str(code_cache), batch_size=4, val_fraction=0.2, seed=5)
     assert module.num_codes == 8 and module.vqvae_ckpt == str(vqvae_ckpt.resolve())
     module.prepare_data()
@@ -92,13 +92,28 @@ def test_code_datamodule_splits_and_batches(code_cache, vqvae_ckpt):
     codes, _ = load_codes(code_cache)
     train = torch.cat(list(module.train_dataloader()))
     val = torch.cat(list(module.val_dataloader()))
-    assert train.dtype == torch.long and train.shape[1] == 32 and len(val) == 2 and len(train) == 8
+    assert train.dtype == torch.long and train.shape[1] == 32 and len(train) + len(val) == N_PHRASES
     rows = lambda t: sorted(map(tuple, t.tolist()))
     assert rows(torch.cat([train, val])) == rows(codes)  # a partition: nothing lost, nothing repeated
     assert next(iter(module.train_dataloader())).shape == (4, 32)
     expected = torch.bincount(module.train_codes[:, 0], minlength=8).double() / len(module.train_codes)
     assert torch.equal(module.first_index_distribution, expected)  # the prior's z_0: training split only
 
+    song = np.arange(N_PHRASES) % 3  # the phrase cache's sources: song{i % 3}.mid
+    with np.load(code_cache / "sources.npz") as sources:
+        assert sources["files"][sources["file_index"]].tolist() == [f"song{s}.mid" for s in song]
+    assert torch.equal(val, codes[module.splits["val"]]) and torch.equal(module.train_codes, codes[module.splits["train"]])
+    assert len(val) in (3, 4) and not set(song[module.splits["val"]]) & set(song[module.splits["train"]])  # whole songs
+
     again = CodeDataModule(str(code_cache), val_fraction=0.2, seed=5)
     again.setup("fit")
     assert torch.equal(again.val_codes, module.val_codes)  # the split is reproducible
+
+
+def test_code_cache_without_sources_cannot_be_split(tmp_path, code_cache):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("meta.json", "first_index_distribution.npy", CODES_FILE):
+        (old / name).write_bytes((code_cache / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="cannot be split by song"):
+        CodeDataModule(str(old)).setup("fit")

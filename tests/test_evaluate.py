@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,18 +12,22 @@ import torch
 
 import evaluate
 from callbacks.evaluation import (
-    ROW_FIELDS, TABLE3_FIELDS, TRAINING_SET, Evaluation, LatentSampler, LoopSource, read_csv, scientific,
+    ROW_FIELDS, TABLE3_FIELDS, TRAINING_SET, Evaluation, LatentSampler, LoopSource, PhraseSampler, read_csv,
+    scientific,
 )
 from callbacks.metrics import GenerativeMetrics, note_density, unique_pitch
-from datamodules.pianoroll import load_phrase_cache, pack_phrases, write_phrase_cache
+from datamodules.pianoroll import load_phrase_cache, pack_phrases, unpack_phrases, write_phrase_cache
 from framework.seeding import sampling_generator
 from lightning_modules.cnn_vae import CNNVAE
 from lightning_modules.loop_detector import LoopDetector
+from lightning_modules.musegan import MuseGAN
+from lightning_modules.music_transformer import MusicTransformer
 from lightning_modules.prior import generate_loops
-from tests.helpers import save_checkpoint
+from tests.helpers import load_packed_in_memory, save_checkpoint
 from tests.test_prior import save_tiny_vqvae, tiny_prior
 
 TOP_K = "VQ-VAE+LSTM (top-k sampling=30)"
+BASELINES = ["CNN-VAE", "Music Transformer", "MuseGAN"]
 TEMPERATURE = "VQ-VAE+LSTM (temperature sampling=0.7)"
 # Scores of the random detector below lie in about [0.23, 0.26]: the middle thresholds reject part
 # of the samples, the last one all of them.
@@ -32,7 +37,7 @@ SMALL = ["n=12", "batch_size=12", "n_networks=2", "max_samples=20", "seed=4", "r
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A 30-phrase training cache and untrained tiny prior, VQ-VAE, CNN-VAE and loop detector checkpoints."""
+    """A 30-phrase training cache and untrained tiny prior, VQ-VAE, baseline and loop detector checkpoints."""
     root = tmp_path_factory.mktemp("evaluate")
     phrases = torch.rand(30, 128, 57, generator=torch.Generator().manual_seed(0)) < 0.3
     write_phrase_cache(root / "training", pack_phrases(phrases.numpy()), ["song.mid"] * 30, np.arange(30))
@@ -41,11 +46,15 @@ def files(tmp_path_factory):
     detector = LoopDetector(pretrain_epochs=1, svdd_epochs=1)
     detector.center.fill_(0.5)
     torch.manual_seed(3)
+    transformer = MusicTransformer(hidden=16, layers=1, heads=2, feed_forward=32)
+    transformer.set_first_steps(phrases[:, 0])
     return {
         "training": str(root / "training"),
         "prior": save_checkpoint(tiny_prior(vqvae_ckpt=str(root / "vqvae.ckpt")), root / "prior.ckpt"),
         "detector": save_checkpoint(detector, root / "detector.ckpt"),
         "cnn_vae": save_checkpoint(CNNVAE(channels=8, latent_dim=16), root / "cnn_vae.ckpt"),
+        "music_transformer": save_checkpoint(transformer, root / "music_transformer.ckpt"),
+        "musegan": save_checkpoint(MuseGAN(latent_dim=8, generator_width=16, critic_width=8), root / "musegan.ckpt"),
     }
 
 
@@ -55,7 +64,7 @@ def arguments(files: dict, out, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def evaluated(files, tmp_path_factory):
-    """One full run (two prior settings, the CNN-VAE, a five-threshold sweep); its folder and output."""
+    """One full run (every baseline, two prior settings, a five-threshold sweep); its folder and output."""
     out = tmp_path_factory.mktemp("run") / "evaluation"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -76,7 +85,7 @@ def test_tables_list_every_generator_with_the_paper_columns(evaluated):
     assert (out / "rejection.png").stat().st_size > 0
 
     table2 = read_csv(out / "table2.csv")
-    assert [row["model"] for row in table2] == [TRAINING_SET, "CNN-VAE", TOP_K, TEMPERATURE]
+    assert [row["model"] for row in table2] == [TRAINING_SET, *BASELINES, TOP_K, TEMPERATURE]
     assert list(table2[0]) == list(ROW_FIELDS)
     training, *models = table2
     assert all(math.isnan(training[key]) for key in ("precision", "recall", "density", "coverage", "f1_pr"))
@@ -87,7 +96,7 @@ def test_tables_list_every_generator_with_the_paper_columns(evaluated):
         assert all(math.isfinite(row[key]) for key in ROW_FIELDS[7:])
 
     table3 = read_csv(out / "table3.csv")
-    assert [row["model"] for row in table3] == ["CNN-VAE", TOP_K, TEMPERATURE]
+    assert [row["model"] for row in table3] == [*BASELINES, TOP_K, TEMPERATURE]
     assert list(table3[0]) == list(TABLE3_FIELDS)
 
     markdown = (out / "table2.md").read_text()
@@ -150,6 +159,21 @@ def test_kept_samples_score_below_their_threshold_and_rows_match_a_direct_comput
     assert row["nd"] == pytest.approx(note_density(reference).mean().item())
 
 
+@pytest.mark.parametrize("key, model_class", [("music_transformer", MusicTransformer), ("musegan", MuseGAN)])
+def test_phrase_generators_are_sampled_and_rejected_like_the_others(files, key, model_class):
+    detector = LoopDetector.load_from_checkpoint(files["detector"]).eval()
+    model = model_class.load_from_checkpoint(files[key]).eval()
+    evaluation = Evaluation(load_phrase_cache(files["training"]).packed, 10, seed=2, detector=detector, batch_size=10,
+                            max_rounds=4, n_networks=2, max_samples=20, progress=False)
+    source = LoopSource(key, PhraseSampler(model))
+    unfiltered = evaluation.sample(source)
+    assert torch.equal(unfiltered.phrases, model.sample(10, sampling_generator(2)))
+    threshold = unfiltered.scores.median().item()
+    kept = evaluation.sample(source, threshold)
+    assert 0 < len(kept.phrases) and kept.generated > len(kept.phrases)
+    assert (kept.scores < threshold).all() and torch.equal(kept.scores, detector.score_phrases(kept.phrases))
+
+
 def test_training_row_covers_the_whole_set_when_n_exceeds_it(files):
     training = load_phrase_cache(files["training"]).packed
     phrases = torch.from_numpy(np.unpackbits(training, axis=1).reshape(-1, 128, 57)).bool()
@@ -164,6 +188,8 @@ def test_generators_without_checkpoints_are_skipped_with_a_note(files, tmp_path,
     assert evaluate.main(arguments(given, tmp_path / "out", "rejection.generators=[CNN-VAE]")) == 0
     stderr = capsys.readouterr().err
     assert "cnn_vae=null: the CNN-VAE row is skipped" in stderr
+    assert "music_transformer=null: the Music Transformer row is skipped" in stderr
+    assert "musegan=null: the MuseGAN row is skipped" in stderr
     assert "prior=null: the VQ-VAE+LSTM rows are skipped" in stderr
     assert "rejection sweep: 'CNN-VAE' is skipped" in stderr
     assert [row["model"] for row in read_csv(tmp_path / "out" / "table2.csv")] == [TRAINING_SET]
@@ -175,7 +201,8 @@ def test_generators_without_checkpoints_are_skipped_with_a_note(files, tmp_path,
     ("rejection.bogus=1", "Valid keys at rejection: generators, max_rounds, thresholds"),
     ("prior_sampling=[{mode: top_k, width: 3}]", "prior_sampling.0: unknown keys ['width']; valid keys: name, mode"),
     ("prior_sampling=[{mode: beam}]", "unknown sampling mode 'beam'"),
-    ("rejection.generators=[MuseGAN]", "unknown model 'MuseGAN'; models: VQ-VAE+LSTM (temperature sampling)"),
+    ("rejection.generators=[MusicVAE]",
+     "unknown model 'MusicVAE'; models: CNN-VAE, Music Transformer, MuseGAN, VQ-VAE+LSTM (temperature sampling)"),
     ("rejection.thresholds=[0.1,1.0]", "strictly decreasing"),
     ("max_samples=5", "max_samples=5 must exceed k=5"),
     ("prior=missing.ckpt", "prior=missing.ckpt: no such checkpoint file"),
@@ -192,3 +219,36 @@ def test_missing_training_cache_and_occupied_output_fail_clearly(tmp_path, capsy
     (tmp_path / "out" / "keep.txt").write_text("x")
     assert evaluate.main([f"training={tmp_path / 'none'}", f"out={tmp_path / 'out'}"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+class Resampler:
+    """A stand-in generator in ``generate_loops``' protocol that draws phrases of a packed set (so P/R/D/C are not 0)."""
+
+    def __init__(self, packed: np.ndarray):
+        self.packed = torch.from_numpy(packed)
+        self.hparams = SimpleNamespace(seq_len=1)
+
+    def sample_codes(self, n, generator, batch_size=None):
+        return torch.randint(len(self.packed), (n, 1), generator=generator)
+
+    def decode(self, codes, batch_size=None):
+        return unpack_phrases(self.packed[codes[:, 0]])
+
+
+def test_rows_are_the_same_from_the_cache_on_disk_and_in_memory(phrase_cache):
+    """Demo phrases: every table value read on demand equals the one from the whole cache in memory."""
+    in_memory = load_packed_in_memory(phrase_cache)
+    torch.manual_seed(2)
+    detector = LoopDetector(pretrain_epochs=1, svdd_epochs=1).eval()
+    detector.center.fill_(0.5)
+    source = LoopSource("copies", Resampler(in_memory[::3]))
+    rows = []
+    for training in (load_phrase_cache(phrase_cache).packed, in_memory):
+        evaluation = Evaluation(training, 300, seed=3, detector=detector, batch_size=128, max_rounds=3,
+                                n_networks=2, max_samples=250, progress=False)
+        rows.append([evaluation.training_row(), evaluation.row(source), evaluation.row(source, threshold=0.25)])
+    assert rows[0][1]["precision"] > 0.5 and 0 < rows[0][2]["acceptance_rate"] < 1
+    for on_disk, in_ram in zip(*rows):
+        assert on_disk.keys() == in_ram.keys()
+        assert all(on_disk[key] == in_ram[key] or (math.isnan(on_disk[key]) and math.isnan(in_ram[key]))
+                   for key in on_disk if key not in ("model", "threshold"))

@@ -9,9 +9,10 @@ import torch
 
 from datamodules.correlation import c_midi
 from datamodules.phrase_scoring import PackedPhraseBatches, load_labelled_phrases
+from datamodules.phrases import PhraseDataModule
 from datamodules.pianoroll import load_phrase_cache, unpack_phrases, write_phrase_cache
 from lightning_modules.loop_detector import LoopDetector
-from tests.helpers import run_train, run_train_subprocess
+from tests.helpers import load_packed_in_memory, run_train, run_train_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +36,30 @@ def extract(detector_ckpt, phrases, out, run_dir, demo_root):
     ])
 
 
-def test_extraction_matches_direct_scoring_and_keeps_labelled_loops(detector, demo_root, tmp_path):
+def test_extraction_matches_in_memory_scoring_and_keeps_labelled_loops(detector, demo_root, tmp_path):
+    """Extraction reads batches on demand; every score and kept phrase equals the whole cache scored in memory."""
     ckpt, phrases = detector
     out = tmp_path / "loops"
     extract(ckpt, phrases, out, tmp_path / "run", demo_root)
 
     source = load_phrase_cache(phrases)
+    in_memory = load_packed_in_memory(phrases)
     scores = np.load(out / "scores.npy")
     loaded = LoopDetector.load_from_checkpoint(ckpt)
-    expected = loaded.loop_score(c_midi(unpack_phrases(torch.from_numpy(source.packed)))).numpy()
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+    packed_batches = torch.from_numpy(in_memory).split(1000)  # the batches extraction scores, from memory
+    assert np.array_equal(scores, torch.cat([loaded.score_packed(batch) for batch in packed_batches]).numpy())
+    expected = loaded.loop_score(c_midi(unpack_phrases(torch.from_numpy(in_memory)))).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)  # C_MIDI from the bits as from the cells
 
     keep = scores < loaded.threshold
     loops = load_phrase_cache(out)
-    assert np.array_equal(loops.packed, source.packed[keep])
+    assert np.array_equal(load_packed_in_memory(out), in_memory[keep])
     assert list(loops.sources) == list(source.sources[keep])
     assert np.array_equal(loops.start_bars, source.start_bars[keep])
+    loop_module = PhraseDataModule(cache=str(out), val_fraction=0.2)  # the VQ-VAE's loop split: by song too
+    loop_module.setup("fit")
+    songs = {split: set(loops.sources[loop_module.splits[split].numpy()]) for split in ("train", "val")}
+    assert len(songs["val"]) > 1 and not songs["train"] & songs["val"]
     report = json.loads((out / "report.json").read_text())
     assert report["n_phrases"] == len(source) and report["n_loops"] == int(keep.sum())
     assert report["kept_fraction"] == pytest.approx(keep.mean())

@@ -10,6 +10,7 @@ import scipy.signal
 
 from datamodules.demo.multitrack import process_stem, synthesize_song
 from datamodules.fxnorm import (
+    STAGES,
     STEMS,
     FxNormalizer,
     augment_reverb,
@@ -268,12 +269,52 @@ def test_silent_stems_unchanged_by_every_effect():
         assert np.array_equal(out, quiet)
 
 
-def test_mono_stem_becomes_centred_stereo(fitted):
+def test_mono_stem_is_repanned_like_a_training_stem(fitted):
+    """A mono stem reaches the fitted reference similarity instead of staying at psi = 1."""
     normalizer, _ = fitted
     mono = harmonic_tone(2.0)[None, :]
-    out = normalizer.normalize_stem("bass", mono, SR)
+    out = normalizer.normalize_stem("other", mono, SR, stages=STAGES[1:])  # no reverb: still mono at panning
     assert out.shape == (2, mono.shape[1])
-    np.testing.assert_allclose(out[0], out[1], atol=1e-6)
+    band = slice(10, 500)
+    reference = normalizer.panning_reference["other"][band]
+    assert np.mean(np.abs(mean_similarity(out)[band] - reference)) < 0.3 * np.mean(1.0 - reference)
+
+
+@pytest.mark.parametrize("kind", ["tonal", "broadband"])
+def test_panning_of_mono_keeps_the_mono_sum_and_reaches_the_reference(kind):
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(3 * SR)
+    mono = (harmonic_tone(3.0) + 0.02 * noise if kind == "tonal" else 0.1 * noise).astype(np.float32)
+    out = normalize_panning(np.stack([mono, mono]), SR, np.full(1025, 0.6), cutoff_hz=SR / 2)
+    np.testing.assert_allclose(out.sum(axis=0), 2 * mono, atol=1e-5)  # complementary combs
+    band = slice(10, 900)
+    assert np.mean(np.abs(mean_similarity(out)[band] - 0.6)) < 0.1  # from 0.4 at psi = 1
+    if kind == "broadband":  # centred; a tonal stem leans to the side of its strongest band
+        energy = np.mean(out**2, axis=1)
+        assert abs(energy[0] - energy[1]) < 0.05 * energy.mean()
+
+
+def test_panning_repans_a_quiet_section_like_the_loud_one():
+    """The authors' frame rule leaves only near-silence alone: a section 12 dB below the loudest
+    one is re-panned too (a rule relative to the loudest frame skipped it)."""
+    source = harmonic_tone(4.0)
+    source[: 2 * SR] *= 10 ** (-12 / 20)
+    audio = np.stack([source, 0.2 * source])
+    out = normalize_panning(audio, SR, np.full(1025, 0.8))
+    band = slice(10, 700)
+    for section in (slice(0, 2 * SR - 4096), slice(2 * SR + 4096, 4 * SR)):
+        assert abs(np.mean(mean_similarity(out[:, section])[band]) - 0.8) < 0.05
+    assert np.mean(mean_similarity(audio[:, : 2 * SR])[band]) < 0.5
+
+
+def test_panning_does_not_depend_on_the_stem_level():
+    rng = np.random.default_rng(1)
+    audio = np.stack([harmonic_tone(2.0), 0.3 * harmonic_tone(2.0, seed=1)]) + 1e-3 * rng.standard_normal((2, 2 * SR))
+    audio[:, SR // 2 : SR] *= 1e-4  # near-silence in the middle
+    reference = np.full(1025, 0.6)
+    loud = normalize_panning(audio, SR, reference)
+    quiet = normalize_panning(0.05 * audio, SR, reference)
+    np.testing.assert_allclose(0.05 * loud, quiet, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -297,7 +338,7 @@ def test_non_finite_input_rejected(bad, fitted):
 def test_half_second_song_is_normalised(fitted):
     normalizer, song = fitted
     short = {k: v[:, : SR // 2] for k, v in song.items()}
-    out = normalizer.normalize_song(short, SR, rng=np.random.default_rng(0))
+    out = normalizer.normalize_song(short, SR, seed=0)
     meter = pyloudnorm.Meter(SR)
     for kind, audio in out.items():
         assert audio.shape == (2, SR // 2) and np.all(np.isfinite(audio))
@@ -307,7 +348,7 @@ def test_half_second_song_is_normalised(fitted):
 
 def test_song_loudness_hits_fitted_targets(fitted):
     normalizer, song = fitted
-    out = normalizer.normalize_song(song, SR, rng=np.random.default_rng(0))
+    out = normalizer.normalize_song(song, SR, seed=0)
     meter = pyloudnorm.Meter(SR)
     for kind in STEMS:
         assert abs(meter.integrated_loudness(out[kind].T.astype(np.float64)) - normalizer.loudness_target[kind]) < 0.1
@@ -322,8 +363,8 @@ def test_features_round_trip(tmp_path, fitted):
         np.testing.assert_array_equal(loaded.panning_reference[kind], normalizer.panning_reference[kind])
         assert loaded.drc_reference[kind] == normalizer.drc_reference[kind]
         assert loaded.loudness_target[kind] == normalizer.loudness_target[kind]
-    a = normalizer.normalize_song(song, SR, rng=np.random.default_rng(1))
-    b = loaded.normalize_song(song, SR, rng=np.random.default_rng(1))
+    a = normalizer.normalize_song(song, SR, seed=1)
+    b = loaded.normalize_song(song, SR, seed=1)
     for kind in STEMS:
         np.testing.assert_allclose(a[kind], b[kind], atol=1e-6)
 

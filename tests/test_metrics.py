@@ -21,7 +21,6 @@ from callbacks.metrics import (
     LoopScore,
     NoteDensity,
     UniquePitch,
-    _pack,
     _smallest_per_row,
     embed,
     f1_score,
@@ -31,7 +30,7 @@ from callbacks.metrics import (
     unique_pitch,
 )
 from datamodules.correlation import c_midi
-from datamodules.pianoroll import pack_phrases, unpack_phrases
+
 
 
 def reference_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
@@ -235,13 +234,6 @@ def test_random_cnn_is_deterministic_per_seed_and_leaves_global_rng_alone():
 # -------------------------------------------------------------------------------- Metric classes
 
 
-def test_pack_matches_the_phrase_cache_layout():
-    phrases = random_phrases(3, density=0.3)
-    packed = _pack(phrases)
-    assert torch.equal(packed, torch.from_numpy(pack_phrases(phrases.numpy())))
-    assert torch.equal(unpack_phrases(packed), phrases)
-
-
 def test_per_phrase_metrics_count_each_index_once():
     phrases = random_phrases(10, density=0.05)
     metric = UniquePitch()
@@ -317,6 +309,27 @@ def test_generative_metrics_subsample_is_seeded_and_bounded():
     full = GenerativeMetrics(n_networks=2, max_samples=1000, k=3)
     full.update(real=real, fake=fake)
     assert any(not torch.equal(forward[key], value) for key, value in full.compute().items())
+
+
+def test_generative_metrics_unpack_only_the_drawn_subsets(monkeypatch, tmp_path):
+    """Packed input, a phrase cache read from disk and bool input agree; no call unpacks more than a subset."""
+    from datamodules.pianoroll import load_phrase_cache, pack_phrases, write_phrase_cache
+
+    real, fake = random_phrases(300, 0.1, seed=1), random_phrases(250, 0.12, seed=2)
+    write_phrase_cache(tmp_path / "real", pack_phrases(real.numpy()), ["a.mid"] * 300, np.arange(300))
+    unpacked_sizes = []
+    original = metrics.unpack_phrases
+    monkeypatch.setattr(metrics, "unpack_phrases", lambda packed: unpacked_sizes.append(len(packed)) or original(packed))
+
+    from_bool = GenerativeMetrics(n_networks=2, max_samples=40, k=3)
+    from_bool.update(real=real, fake=fake)
+    from_packed = GenerativeMetrics(n_networks=2, max_samples=40, k=3)
+    from_packed.update(real=pack_phrases(real), fake=pack_phrases(fake))
+    from_cache = metrics.random_cnn_prdc(load_phrase_cache(tmp_path / "real").packed, pack_phrases(fake), 2, 40, 3)
+    expected = from_bool.compute()
+    for result in (from_packed.compute(), from_cache):
+        assert all(torch.equal(result[key], expected[key]) for key in expected)
+    assert unpacked_sizes and max(unpacked_sizes) == 40
 
 
 # ----------------------------------------------------------------------------------- multi-rank

@@ -132,7 +132,27 @@ def test_callback_logs_metrics_and_media_but_skips_the_sanity_check(tmp_path):
     trainer.fit(model, data, data)
     assert len(updates) == 2  # the two validation batches, not the sanity batch
     assert set(f"val/mix/{name}" for name in METRIC_NAMES) <= set(trainer.callback_metrics)
-    assert "val/mix/baseline/mape_mean" in trainer.callback_metrics
+    assert "val/mix/sum/mape_mean" in trainer.callback_metrics
     media = sorted(p.name for p in (tmp_path / "media" / "epoch_000").iterdir())
     assert media == ["segment_0_input.wav", "segment_0_output.wav", "segment_0_spectrograms.png",
                      "segment_0_target.wav"]
+
+
+def test_whole_songs_are_measured_in_blocks_exactly(monkeypatch):
+    """Frame features computed a few frames at a time (block edges everywhere, the K-weighting
+    filter's memory carried across them) equal the computation in one block."""
+    import callbacks.mix_metrics as mix_metrics
+
+    torch.manual_seed(0)
+    target = torch.randn(1, 2, 6 * SR) * torch.linspace(0.1, 1.0, 6 * SR)
+    output = 0.8 * target + 0.05 * torch.randn_like(target)
+    whole = mix_metrics.mix_feature_errors(output.double(), target.double(), SR)
+    monkeypatch.setattr(mix_metrics, "BLOCK_FRAMES", 7)
+    blocked = mix_metrics.mix_feature_errors(output.double(), target.double(), SR)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_k_weighting_response_moves_with_the_metric():
+    metric = MixFeatureError(SR).to("meta")
+    assert metric.response.device.type == "meta"
+    assert "response" not in metric.state_dict()

@@ -8,6 +8,7 @@ import soundfile as sf
 import torch
 
 import mix
+from framework.errors import InputError
 from datamodules.fxnorm import FxNormalizer
 from lightning_modules.mixer import AutoMixer
 
@@ -33,13 +34,15 @@ def test_unknown_and_missing_keys_fail_naming_the_valid_ones():
 def test_read_stems_fills_missing_stems_with_silence_and_resamples(tmp_path):
     sf.write(tmp_path / "vocals.wav", _tone(1.0, 440, channels=1), SR)
     sf.write(tmp_path / "drums.wav", _tone(0.5, 110, sr=2 * SR), 2 * SR)
-    stems = mix.read_stems(tmp_path, SR)
+    with pytest.raises(InputError, match="drums.wav: 4000 samples.*pad=true"):
+        mix.read_stems(tmp_path, SR)
+    stems = mix.read_stems(tmp_path, SR, pad=True)
     assert list(stems) == list(mix.STEMS)
     assert all(audio.shape == (2, SR) for audio in stems.values())
     assert np.array_equal(stems["vocals"][0], stems["vocals"][1])  # mono duplicated
     assert not stems["bass"].any() and not stems["other"].any()
     assert np.abs(stems["drums"][:, :SR // 2]).max() > 0.1 and not stems["drums"][:, SR // 2:].any()
-    with pytest.raises(FileNotFoundError, match="none of vocals.wav"):
+    with pytest.raises(InputError, match="none of vocals.wav"):
         mix.read_stems(tmp_path / "empty", SR)
 
 
@@ -78,3 +81,25 @@ def test_mix_script_writes_a_mix_of_the_input_length(tmp_path, checkpoint):
 def test_mix_script_reports_bad_arguments(capsys):
     assert mix.main(["ckpt=a", "stems=b", "out=c", "speed=2"]) == 2
     assert "valid keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("defect", ["empty", "unreadable", "shorter", "nan"])
+def test_bad_stems_fail_in_one_line_naming_the_file(tmp_path, checkpoint, capsys, defect):
+    folder = tmp_path / "stems"
+    folder.mkdir()
+    sf.write(folder / "vocals.wav", _tone(1.0, 440), SR)
+    bass = folder / "bass.wav"
+    if defect == "empty":
+        sf.write(bass, np.zeros((0, 2), np.float32), SR)
+    elif defect == "unreadable":
+        bass.write_bytes(b"RIFF, but not really")
+    elif defect == "shorter":
+        sf.write(bass, _tone(0.5, 110), SR)
+    else:
+        audio = _tone(1.0, 110)
+        audio[100] = np.nan
+        sf.write(bass, audio, SR, subtype="FLOAT")
+    out = tmp_path / "mix.wav"
+    assert mix.main([f"ckpt={checkpoint}", f"stems={folder}", f"out={out}", "progress=false"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "bass.wav" in error[0] and not out.exists()

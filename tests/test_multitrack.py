@@ -13,7 +13,9 @@ from datamodules.demo.multitrack import write_multitrack_demo
 from datamodules.fxnorm import FxNormalizer, normalize_folder
 from datamodules.fxnorm.__main__ import main as fxnorm_main
 from datamodules.fxnorm.songs import MIXTURE, STEMS, list_songs, read_song, write_song
-from datamodules.multitrack import FixedSegments, MultitrackDataModule, RandomSegments, Song
+from datamodules.multitrack import (MUSDB18_VALIDATION, EpochKeys, FixedSegments, MultitrackDataModule, PackedSong,
+                                    RandomSegments, write_packed_song)
+from framework.errors import InputError
 
 SR = 44100
 
@@ -25,11 +27,14 @@ def demo(tmp_path_factory):
     return root
 
 
-def make_datamodule(demo, tmp_path, seed=0):
-    return MultitrackDataModule(
-        root=str(demo / "multitrack"), cache=str(tmp_path / "cache"), segment_seconds=0.5, batch_size=2,
-        val_songs=1, seed=seed, segments_per_epoch=4, demo_root=None,
-    )
+def make_datamodule(demo, tmp_path, seed=0, root=None, **kwargs):
+    settings = dict(root=str(root or demo / "multitrack"), cache=str(tmp_path / "cache"), segment_seconds=0.5,
+                    batch_size=2, val_songs=1, seed=seed, segments_per_epoch=4, demo_root=None, num_workers=0)
+    return MultitrackDataModule(**{**settings, **kwargs})
+
+
+def cached_songs(folder):
+    return sorted(p.name for p in folder.iterdir() if (p / "index.json").is_file())
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +66,38 @@ def test_demo_is_deterministic(tmp_path):
         np.testing.assert_array_equal(a[s], b[s])
 
 
-def test_batches_have_the_documented_shapes(prepared):
+def test_batches_have_the_documented_shapes(prepared, demo):
     stems, mixture = next(iter(prepared.train_dataloader()))
     assert stems.shape == (2, 8, SR // 2) and mixture.shape == (2, 2, SR // 2)
     assert stems.dtype == mixture.dtype == torch.float32
     assert len(prepared.val_set) > 0
     assert (prepared.cache / "features.npz").is_file()
-    assert len(list_songs(prepared.cache / "train")) == 3 and len(list_songs(prepared.cache / "test")) == 1
+    assert len(cached_songs(prepared.cache / "train")) == 3 and len(cached_songs(prepared.cache / "test")) == 1
+    prepared.setup("test")
+    (song_stems, song_mixture), = list(prepared.test_dataloader())  # one whole song per batch
+    raw, _ = read_song(demo / "multitrack" / "test" / "song_000", (MIXTURE,))
+    assert song_stems.shape == (1, 8, raw[MIXTURE].shape[1])
+    np.testing.assert_array_equal(song_mixture[0].numpy(), raw[MIXTURE])
+
+
+def test_every_rank_gets_the_same_number_of_fresh_keys():
+    for n in (4, 5, 7):
+        ranks = [EpochKeys(n, num_replicas=2, rank=r) for r in (0, 1)]
+        assert len(ranks[0]) == len(ranks[1]) == -(-n // 2)
+        seen = []
+        for epoch in (0, 1):
+            for sampler in ranks:
+                sampler.set_epoch(epoch)
+                keys = list(sampler)
+                assert len(keys) == len(sampler)
+                seen += keys
+        assert len(seen) == len(set(seen))
 
 
 def test_prepare_data_resumes_without_rewriting(prepared):
-    before = {p: p.stat().st_mtime_ns for p in (prepared.cache / "train").rglob("*.wav")}
+    before = {p: p.stat().st_mtime_ns for p in (prepared.cache / "train").rglob("*.npy")}
     prepared.prepare_data()
-    assert before == {p: p.stat().st_mtime_ns for p in (prepared.cache / "train").rglob("*.wav")}
+    assert before == {p: p.stat().st_mtime_ns for p in (prepared.cache / "train").rglob("*.npy")}
 
 
 def test_segments_reproducible_by_seed_and_fresh_per_epoch(prepared):
@@ -90,34 +114,115 @@ def test_segments_reproducible_by_seed_and_fresh_per_epoch(prepared):
     assert set(epoch0).isdisjoint(loader.sampler)
 
 
-def test_silent_segments_are_skipped(tmp_path):
+def test_silent_segments_are_skipped_without_reading_audio(tmp_path):
     n = SR
     rng = np.random.default_rng(0)
     stems = {s: np.zeros((2, n), np.float32) for s in (*STEMS, MIXTURE)}
     for s in (*STEMS, MIXTURE):
         stems[s][:, n // 2 :] = 0.1 * rng.standard_normal((2, n - n // 2))
-    write_song(tmp_path / "half_silent", stems, SR)
-    song = Song(tmp_path / "half_silent", SR)
+    write_packed_song(tmp_path / "half_silent", stems, SR)
+    song = PackedSong(tmp_path / "half_silent", SR)
     fixed = FixedSegments([song], SR // 4)
     assert [start for _, start in fixed.index] == [2 * SR // 4, 3 * SR // 4]
     random = RandomSegments([song], SR // 4, seed=0)
     assert all(np.abs(random[k][1].numpy()).max() > 0.01 for k in range(10))
+    stems_read, mixture_read = song.read(100, 300)
+    np.testing.assert_array_equal(stems_read, np.concatenate([stems[s][:, 100:300] for s in STEMS]))
+    np.testing.assert_array_equal(mixture_read, stems[MIXTURE][:, 100:300])
 
 
-def test_unequal_stem_lengths_rejected_naming_the_file(tmp_path):
-    stems = {s: np.zeros((2, 1000), np.float32) for s in (*STEMS, MIXTURE)}
-    stems["drums"] = np.zeros((2, 900), np.float32)
-    write_song(tmp_path / "bad", stems, SR)
-    with pytest.raises(ValueError, match="drums.wav"):
-        Song(tmp_path / "bad", SR)
+def _song(folder, length=1000, **overrides):
+    write_song(folder, {s: overrides.get(s, np.zeros((2, length), np.float32)) for s in (*STEMS, MIXTURE)}, SR)
 
 
-def test_other_sample_rate_rejected_naming_the_file(tmp_path):
-    stems = {s: np.zeros((2, 1000), np.float32) for s in (*STEMS, MIXTURE)}
-    write_song(tmp_path / "song", stems, SR)
-    sf.write(str(tmp_path / "song" / "bass.wav"), np.zeros((1000, 2), np.float32), 22050)
-    with pytest.raises(ValueError, match="bass.wav"):
-        Song(tmp_path / "song", SR)
+@pytest.mark.parametrize("defect, file", [
+    ("missing", "mixture.wav"), ("empty", "bass.wav"), ("unreadable", "drums.wav"), ("shorter", "other.wav"),
+    ("rate", "vocals.wav"),
+])
+def test_bad_input_fails_naming_song_and_file_before_any_cache_is_written(demo, tmp_path, defect, file):
+    root = tmp_path / "root"
+    shutil.copytree(demo / "multitrack", root)
+    song = root / "train" / "song_001"
+    path = song / file
+    if defect == "missing":
+        path.unlink()
+    elif defect == "empty":
+        sf.write(str(path), np.zeros((0, 2), np.float32), SR)
+    elif defect == "unreadable":
+        path.write_bytes(b"not a wav file")
+    elif defect == "shorter":
+        audio, _ = sf.read(str(path))
+        sf.write(str(path), audio[:-10], SR)
+    else:
+        audio, _ = sf.read(str(path))
+        sf.write(str(path), audio, 22050)
+    dm = make_datamodule(demo, tmp_path, root=root)
+    with pytest.raises(InputError, match=rf"song_001/{file}") as error:
+        dm.prepare_data()
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_root_without_test_songs_fails_before_training_unless_only_fitting(demo, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(demo / "multitrack" / "train", root / "train")
+    with pytest.raises(InputError, match="test.*stages=\\[fit\\]"):
+        make_datamodule(demo, tmp_path, root=root).prepare_data()
+    assert not (tmp_path / "cache").exists()
+    make_datamodule(demo, tmp_path, root=root, stages=["fit"]).prepare_data()
+    assert len(cached_songs(tmp_path / "cache" / "train")) == 3
+
+
+def test_two_roots_never_share_a_cache_silently(demo, tmp_path, prepared):
+    other = tmp_path / "other"
+    shutil.copytree(demo / "multitrack", other)
+    default = MultitrackDataModule(root=str(other), demo_root=None)
+    assert default.cache == tmp_path / "other_fxnorm" and default.features.parent == default.cache
+    shutil.copytree(prepared.cache, tmp_path / "cache")  # a cache filled from another root
+    with pytest.raises(InputError, match=rf"source changed: '{demo / 'multitrack' / 'train'}' there, '{other / 'train'}' now"):
+        make_datamodule(demo, tmp_path, root=other).prepare_data()
+
+
+def test_features_are_fitted_on_training_songs_only(demo, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(demo / "multitrack", a)
+    shutil.copytree(demo / "multitrack", b)
+    shutil.rmtree(b / "train" / "song_002")  # another validation song: same name, other audio
+    shutil.copytree(a / "train" / "song_000", b / "train" / "song_002")
+    fingerprints = []
+    for root in (a, b):
+        dm = make_datamodule(demo, tmp_path / root.name, root=root, val_songs=["song_002"], stages=["fit"])
+        dm.prepare_data()
+        normalizer = FxNormalizer.load(dm.features)
+        assert normalizer.fitted_on == ("song_000", "song_001")
+        fingerprints.append(normalizer.fingerprint())
+    assert fingerprints[0] == fingerprints[1]
+    leaky = make_datamodule(demo, tmp_path / "a", root=a, val_songs=["song_001"], stages=["fit"])
+    with pytest.raises(InputError, match="fitted on validation song.*song_001"):
+        leaky.prepare_data()
+
+
+def test_musdb18_official_validation_songs_are_used_when_present(tmp_path):
+    names = [*MUSDB18_VALIDATION, "A Classic Education - NightOwl", "Zeno - Signs"]
+    for name in names:
+        (tmp_path / "train" / name).mkdir(parents=True)
+        sf.write(str(tmp_path / "train" / name / "vocals.wav"), np.zeros((10, 2), np.float32), SR)
+    train, validation = MultitrackDataModule(root=str(tmp_path), val_songs=0.5, demo_root=None).split()
+    assert sorted(validation) == sorted(MUSDB18_VALIDATION) and train == names[-2:]
+
+
+def test_inputs_do_not_depend_on_the_runs_seed(prepared, demo, tmp_path):
+    """Reverb is drawn per song and stem from the normalisation seed: another run seed reuses the
+    cache as it is, and one stem's draw does not depend on which other stems the song has."""
+    before = {p: p.stat().st_mtime_ns for p in prepared.cache.rglob("audio.npy")}
+    other = make_datamodule(demo, prepared.cache.parent, seed=1)
+    other.prepare_data()
+    assert before == {p: p.stat().st_mtime_ns for p in prepared.cache.rglob("audio.npy")}
+    normalizer = FxNormalizer.load(prepared.features)
+    stems, _ = read_song(demo / "multitrack" / "test" / "song_000")
+    alone = normalizer.normalize_song({"other": stems["other"]}, SR, song="song_000")["other"]
+    together = normalizer.normalize_song(stems, SR, song="song_000")["other"]
+    np.testing.assert_array_equal(alone, together)
 
 
 def test_command_line_fit_and_normalize(demo, tmp_path):
@@ -152,3 +257,15 @@ def test_cache_refuses_stems_of_another_normalisation(demo, tmp_path):
     (out / "fxnorm.json").unlink()
     with pytest.raises(ValueError, match="no fxnorm.json"):
         normalize_folder(FxNormalizer.musdb18_reference(), songs, out, inference=True, progress=False)
+
+
+def test_every_rank_gets_a_test_song_even_when_there_are_fewer_songs_than_ranks():
+    from datamodules.multitrack import SongShards
+
+    def shard(n, rank, replicas):
+        sampler = SongShards(list(range(n)))
+        sampler.num_replicas, sampler.rank = replicas, rank
+        return list(sampler)
+
+    assert [shard(5, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
+    assert [shard(1, r, 2) for r in (0, 1)] == [[0], [0]]

@@ -17,6 +17,7 @@ from datamodules.pianoroll import (
     pack_phrases,
     write_phrase_cache,
 )
+from tests.helpers import load_packed_in_memory
 from tests.test_pianoroll import groove, song, write_midi
 
 BAD_FILES = {
@@ -170,3 +171,84 @@ def test_command_line(midi_folder, tmp_path, capsys):
     root, good = midi_folder
     report = pianoroll.main([str(root), str(tmp_path / "cache"), "--chunk-size", "64"])
     assert report["files_used"] == len(good) and "27 files, 20 used" in capsys.readouterr().out
+
+
+def test_packed_shards_read_any_rows_as_the_in_memory_array(midi_folder, tmp_path, monkeypatch):
+    root, _ = midi_folder
+    ingest(root, tmp_path / "cache", chunk_size=4, progress=False)  # 7 shards, one without phrases
+    cache = load_phrase_cache(tmp_path / "cache")
+    packed, expected = cache.packed, load_packed_in_memory(tmp_path / "cache")
+    assert packed.shape == expected.shape and len(packed.shards) == 7 and packed.nbytes == expected.nbytes
+    rng = np.random.default_rng(0)
+    random_rows = rng.integers(-len(expected), len(expected), size=200)  # repeats and negative rows
+    mask = rng.random(len(expected)) < 0.3
+    for key in (slice(None), slice(5, 40), slice(40, 5), slice(3, None, 7), random_rows, mask, [], 17, -1):
+        np.testing.assert_array_equal(packed[key], expected[key])
+    np.testing.assert_array_equal(np.asarray(packed), expected)
+    view = packed.select(random_rows)
+    np.testing.assert_array_equal(view[10:30], expected[random_rows][10:30])
+    keep = rng.random(len(random_rows)) < 0.5
+    np.testing.assert_array_equal(view.select(keep)[:], expected[random_rows][keep])
+    with pytest.raises(IndexError):
+        packed[len(expected)]
+
+    monkeypatch.setattr(pianoroll.cache, "WRITE_CHUNK_ROWS", 7)  # copy in many chunks
+    subset = cache.subset(random_rows)
+    subset.save(tmp_path / "subset", report={"kept": "random"})
+    copied = load_phrase_cache(tmp_path / "subset")
+    np.testing.assert_array_equal(np.asarray(copied.packed), expected[random_rows])
+    assert copied.sources.tolist() == cache.sources[random_rows].tolist()
+    np.testing.assert_array_equal(copied.start_bars, cache.start_bars[random_rows])
+    assert list(copied.files) == sorted(set(cache.sources[random_rows]))
+
+
+def test_shards_written_by_numpy_savez_are_read(tmp_path):
+    phrases = np.random.default_rng(1).random((5, 128, 57)) < 0.2
+    (tmp_path / "cache").mkdir()
+    np.savez(tmp_path / "cache" / "shard-000000.npz", packed=pack_phrases(phrases), phrase_file=np.array([0, 0, 1, 1, 1]),
+             start_bars=np.arange(5), files=np.array(["a.mid", "b.mid"]), file_phrases=np.array([2, 3]),
+             file_reasons=np.array(["", ""]))
+    (tmp_path / "cache" / "report.json").write_text(json.dumps({"phrases": 5, "shards": ["shard-000000.npz"]}))
+    np.testing.assert_array_equal(load_phrases(tmp_path / "cache"), phrases)
+    assert load_phrase_cache(tmp_path / "cache").sources.tolist() == ["a.mid"] * 2 + ["b.mid"] * 3
+
+
+def test_unreadable_shards_fail_naming_the_file(tmp_path):
+    phrases = pack_phrases(np.random.default_rng(2).random((40, 128, 57)) < 0.2)
+    write_phrase_cache(tmp_path / "cache", phrases, ["a.mid"] * 40, np.arange(40))
+    shard = tmp_path / "cache" / "shard-000000.npz"
+    arrays = dict(np.load(shard))
+    np.savez_compressed(shard, **arrays)
+    with pytest.raises(ValueError, match="shard-000000.npz: .*compressed"):
+        load_phrase_cache(tmp_path / "cache")
+
+    write_phrase_cache(tmp_path / "cache", phrases, ["a.mid"] * 40, np.arange(40))
+    cache = load_phrase_cache(tmp_path / "cache")
+    shard.write_bytes(shard.read_bytes()[: 4096])  # cut inside the packed rows
+    with pytest.raises(ValueError, match="shard-000000.npz: the file ends inside its packed phrases"):
+        cache.packed[30:]
+    with pytest.raises(ValueError, match="shard-000000.npz: not a readable phrase shard"):
+        load_phrase_cache(tmp_path / "cache")
+
+
+def test_mutated_files_are_counted_skips_in_a_worker_that_survives(midi_folder, tmp_path):
+    """Hundreds of byte-corrupted copies of good files go through the compiled reader in a separate
+    process: it exits normally, and every file is used or skipped for a named reason (no parse errors)."""
+    import subprocess
+    import sys
+
+    root, good = midi_folder
+    rng = np.random.default_rng(0)
+    (tmp_path / "mutants").mkdir()
+    for i in range(400):
+        data = bytearray((root / good[i % len(good)]).read_bytes())
+        for _ in range(rng.integers(1, 6)):
+            data[int(rng.integers(0, len(data)))] = int(rng.choice([0x00, 0x7F, 0x80, 0x90, 0xF0, 0xF7, 0xFF, rng.integers(0, 256)]))
+        (tmp_path / "mutants" / f"{i:03d}.mid").write_bytes(bytes(data))
+    midi_to_windows(root / good[0])  # compile here, where other tests reuse it; the subprocess loads the cache
+    result = subprocess.run([sys.executable, "-m", "datamodules.pianoroll", str(tmp_path / "mutants"), str(tmp_path / "cache")],
+                            capture_output=True, text=True, cwd=ingestion.Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "cache" / "report.json").read_text())
+    assert report["files_seen"] == 400 and not any(reason.startswith("parse_error") for reason in report["skipped"])
+    assert report["files_used"] > 0 and len(report["skipped"]) >= 3

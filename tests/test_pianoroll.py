@@ -193,6 +193,76 @@ def test_matches_pretty_midi_note_reading(tmp_path):
         np.testing.assert_array_equal(midi_to_phrases(path), expected)
 
 
+def _messy_track(rng, channel, program, ticks_per_beat, bars=12):
+    """Events of one track: overlapping and zero-length notes, offs as velocity-0 ons, stray offs,
+    a few notes on other channels and program changes mid-track."""
+    events = [(0, mido.Message("program_change", channel=channel, program=program))]
+    pitches = [35, 36, 38, 42, 46, 49, 51, 70, 20, 24, 30, 40, 55, 71, 72]
+    for _ in range(rng.integers(200, 1200)):
+        start = int(rng.integers(0, bars * 4 * ticks_per_beat))
+        if rng.random() < 0.3:
+            start -= start % (ticks_per_beat // 4)
+        end = start + int(rng.integers(0, 3 * ticks_per_beat)) * (rng.random() < 0.9)  # one in ten zero-length
+        ch = channel if rng.random() < 0.995 else int(rng.integers(0, 16))
+        pitch = int(rng.choice(pitches)) if rng.random() < 0.8 else int(rng.integers(0, 128))
+        events.append((start, mido.Message("note_on", channel=ch, note=pitch, velocity=int(rng.integers(1, 128)))))
+        off = mido.Message("note_off", channel=ch, note=pitch) if rng.random() < 0.5 else mido.Message("note_on", channel=ch, note=pitch, velocity=0)
+        if rng.random() < 0.95:
+            events.append((end, off))
+        if rng.random() < 0.03:
+            events.append((int(rng.integers(0, bars * 4 * ticks_per_beat)), off))
+        if rng.random() < 0.003:
+            events.append((start, mido.Message("program_change", channel=ch, program=int(rng.integers(0, 128)))))
+    track, now = mido.MidiTrack(), 0
+    for tick, message in sorted(events, key=lambda event: event[0]):  # stable: an off may follow its on at one tick
+        track.append(message.copy(time=tick - now))
+        now = tick
+    return track
+
+
+def test_matches_pretty_midi_on_messy_tracks(tmp_path):
+    """Random multi-track files with overlapping, zero-length and stray notes: the same phrases as pretty_midi's notes."""
+    rng = np.random.default_rng(3)
+    compared = phrases = 0
+    for seed in range(20):
+        ticks = int(rng.choice([96, 120, 384, 480]))
+        midi = mido.MidiFile(ticks_per_beat=ticks)
+        midi.tracks.append(mido.MidiTrack([mido.MetaMessage("time_signature", numerator=4, denominator=4)]))
+        for _ in range(rng.integers(1, 5)):
+            midi.tracks.append(_messy_track(rng, int(rng.choice([9, 9, 0, 1])), int(rng.choice([0, 33, 34, 38, 5])), ticks))
+        path = tmp_path / f"{seed}.mid"
+        midi.save(path)
+        reference = pretty_midi.PrettyMIDI(str(path))
+        has_drums = any(i.is_drum for i in reference.instruments)
+        has_bass = any(not i.is_drum and 32 <= i.program <= 39 for i in reference.instruments)
+        if not (has_drums and has_bass):
+            with pytest.raises(SkipFile, match="no_drums" if not has_drums else "no_bass"):
+                midi_to_phrases(path)
+            continue
+        ours = midi_to_phrases(path)
+        np.testing.assert_array_equal(ours, _reference_phrases(reference), err_msg=f"file {seed}")
+        compared, phrases = compared + 1, phrases + len(ours)
+    assert compared >= 6 and phrases >= 6
+
+
+def test_zero_length_notes_are_dropped_as_pretty_midi_drops_them(tmp_path):
+    drums, bass = groove(8)
+    path = song(tmp_path / "a.mid", drums=drums, bass=bass)
+    midi = mido.MidiFile(path)
+    for track, channel, pitch in ((midi.tracks[1], 9, SNARE), (midi.tracks[2], 0, 30)):
+        ticks = np.cumsum([message.time for message in track])
+        at = int(np.searchsorted(ticks, 2 * TICKS))  # on and off at beat 2, in that order, and a stray off at beat 20
+        track.insert(at, mido.Message("note_off", channel=channel, note=pitch, time=0))
+        track.insert(at, mido.Message("note_on", channel=channel, note=pitch, velocity=100, time=2 * TICKS - ticks[at - 1]))
+        track[at + 2] = track[at + 2].copy(time=track[at + 2].time - track[at].time)
+        stray = int(np.searchsorted(np.cumsum([message.time for message in track]), 20 * TICKS))
+        track.insert(stray, mido.Message("note_off", channel=channel, note=pitch, time=0))
+    midi.save(path)
+    phrases = midi_to_phrases(path)
+    np.testing.assert_array_equal(phrases, midi_to_phrases(song(tmp_path / "clean.mid", drums=drums, bass=bass)))
+    np.testing.assert_array_equal(phrases, _reference_phrases(pretty_midi.PrettyMIDI(str(path))))
+
+
 def _reference_phrases(midi):
     drums = next(i for i in midi.instruments if i.is_drum)
     bass = next(i for i in midi.instruments if not i.is_drum and 32 <= i.program <= 39)
@@ -251,6 +321,8 @@ def test_unpack_equals_numpy_unpackbits():
     assert unpacked.dtype == torch.bool
     np.testing.assert_array_equal(unpacked.numpy(), expected)
     np.testing.assert_array_equal(pack_phrases(expected), packed)
+    torch_packed = pack_phrases(torch.from_numpy(expected))  # torch in, torch out, same layout
+    assert torch_packed.dtype == torch.uint8 and torch.equal(torch_packed, torch.from_numpy(packed))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,9 @@ def test_loop_generation_chain_runs_end_to_end(demo_root, tmp_path, capsys):
     assert (root / "generated" / "pianorolls.png").is_file()
     with open(root / "evaluation" / "table2.csv") as handle:
         models = [row["model"] for row in csv.DictReader(handle)]
-    assert models[0] == "Training set" and "CNN-VAE" in models and len(models) == 5
+    assert models[:4] == ["Training set", "CNN-VAE", "Music Transformer", "MuseGAN"] and len(models) == 7
+    with open(root / "evaluation" / "rejection.csv") as handle:
+        assert {row["model"] for row in csv.DictReader(handle)} == {"MuseGAN", "VQ-VAE+LSTM (top-k sampling=30)"}
     assert (root / "evaluation" / "rejection.png").is_file()
     printed = capsys.readouterr().out
     assert str(root / "generated" / "midi") in printed and str(root / "evaluation") in printed
@@ -42,24 +44,29 @@ def test_two_device_pipeline_runs_each_step_once_in_one_run_dir(demo_root, tmp_p
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     (root,) = (tmp_path / "runs" / "pipeline").iterdir()
     assert sorted(p.name for p in root.iterdir()) == [
-        "cnn_vae", "codes", "detector", "evaluation", "extract", "generated", "loops", "prior", "vqvae"]
+        "cnn_vae", "codes", "detector", "evaluation", "extract", "generated", "loops", "musegan",
+        "music_transformer", "prior", "vqvae"]
     assert len(list((root / "generated" / "midi").glob("*.mid"))) == 16
     with open(root / "evaluation" / "table2.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == 5
+        assert len(list(csv.DictReader(handle))) == 7
     with open(root / "prior" / "csv" / "metrics.csv") as handle:
         columns = next(csv.reader(handle))
     assert {"val/gen/loop_score", "val/gen/precision", "val/gen/coverage"} <= set(columns)
-    assert result.stdout.count("[7/8] generate") == 1 and "torch.distributed.run" in result.stdout
+    assert result.stdout.count("[9/10] generate") == 1 and "torch.distributed.run" in result.stdout
 
 
 @pytest.mark.slow
-def test_mixing_steps_train_a_mixer_and_mix_every_dry_song(multitrack_root, tmp_path):
+def test_mixing_steps_train_both_mixers_mix_every_dry_song_and_evaluate_them(multitrack_root, tmp_path, capsys):
     root = tmp_path / "run"
     pipeline.run([f"run_dir={root}", f"multitrack={multitrack_root}/multitrack", f"dry={multitrack_root}/dry",
-                  f"normalised={tmp_path}/normalised", "steps=[mixer,mix]", "scale=tiny", "accelerator=cpu",
-                  "logger=none"])
+                  f"normalised={tmp_path}/normalised", "steps=[mixer,wave_u_net,mix,evaluate_mix]", "scale=tiny",
+                  "accelerator=cpu", "logger=none"])
     songs = sorted(p.name for p in (multitrack_root / "dry").iterdir())
     assert sorted(p.stem for p in (root / "mixes").glob("*.wav")) == songs
+    with open(root / "evaluation_mix" / "table.csv") as handle:
+        rows = {row["system"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["target", "sum", "fxnorm", "wave_u_net"] and float(rows["target"]["mape_mean"]) == 0
+    assert "Objective evaluation of the mixes" in capsys.readouterr().out
 
 
 def test_unknown_step_or_scale_fails_naming_the_valid_ones(tmp_path):

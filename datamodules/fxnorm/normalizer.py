@@ -6,7 +6,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from datamodules.fxnorm import drc, eq, loudness, panning, reverb
 from datamodules.fxnorm.audio import as_audio, is_silent
 from datamodules.fxnorm.songs import MIXTURE, STEMS, list_songs, read_song, write_song
+from framework.errors import InputError
 from framework.io import atomic_path
 
 #: Processing order; each effect's statistics are computed on stems already processed by the earlier ones.
@@ -22,9 +23,10 @@ STAGES = ("reverb", "eq", "drc", "panning", "loudness")
 Song = Mapping[str, np.ndarray] | str | os.PathLike
 
 
-def song_seed(seed: int, name: str) -> np.random.Generator:
-    """A generator that depends only on ``seed`` and the song name (stable across runs and machines)."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+def stem_rng(seed: int, song: str, kind: str) -> np.random.Generator:
+    """The generator of one stem's reverb draws: it depends only on ``seed``, the song's name and the
+    stem type (stable across runs and machines), so fitting and normalising draw the same room."""
+    return np.random.default_rng([seed, zlib.crc32(song.encode()), STEMS.index(kind)])
 
 
 class FxNormalizer:
@@ -33,6 +35,8 @@ class FxNormalizer:
     ``eq_reference[k]`` (mean magnitude spectrum, n_fft 65,536) and ``panning_reference[k]`` (mean
     similarity, 1,025 bins) may be ``None``: that effect is then skipped for stem type ``k``.
     ``drc_reference[k]`` is (mean dB, std dB) of the onset peaks, ``loudness_target[k]`` in LUFS.
+    ``fitted_on`` names the songs the references were fitted on (saved with them; it does not
+    change how the normalizer acts, so it is not part of :meth:`fingerprint`).
     """
 
     def __init__(
@@ -43,8 +47,10 @@ class FxNormalizer:
         panning_reference: Mapping[str, np.ndarray | None],
         loudness_target: Mapping[str, float],
         panning_reference_scale: float = 1.0,
+        fitted_on: Sequence[str] = (),
     ):
         self.sr = int(sr)
+        self.fitted_on = tuple(fitted_on)
         self.eq_reference = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in eq_reference.items()}
         self.drc_reference = {k: (float(v[0]), float(v[1])) for k, v in drc_reference.items()}
         self.panning_reference = {k: None if v is None else np.asarray(v, dtype=np.float64) for k, v in panning_reference.items()}
@@ -80,20 +86,24 @@ class FxNormalizer:
 
         One pass per effect: each song is re-processed with the effects fitted so far and the next
         effect's feature is measured on the result, so no intermediate audio is kept in memory.
-        Reverb augmentation is seeded per song so every pass sees the same augmented stems.
-        Silent stems are left out of the averages.
+        Reverb augmentation is drawn per song and stem (:func:`stem_rng`), so every pass, and
+        :func:`normalize_folder` with the same seed, sees the same augmented stems. Silent stems are
+        left out of the averages.
         """
         if not songs:
             raise ValueError("FxNormalizer.fit: no songs given")
         none = {k: None for k in STEMS}
-        normalizer = cls(sr, none, {k: (np.inf, 0.0) for k in STEMS}, none, {k: 0.0 for k in STEMS}, panning_reference_scale)
+        names = [song.name if isinstance(song, Path) else Path(song).name if isinstance(song, (str, os.PathLike)) else f"song-{i}"
+                 for i, song in enumerate(songs)]
+        normalizer = cls(sr, none, {k: (np.inf, 0.0) for k in STEMS}, none, {k: 0.0 for k in STEMS}, panning_reference_scale,
+                         fitted_on=names)
         for stage in ("eq", "drc", "panning", "loudness"):
             features: dict[str, list] = {k: [] for k in STEMS}
             previous = STAGES[: STAGES.index(stage)]
             for index, song in enumerate(tqdm(songs, desc=f"fit {stage}", unit="song", disable=not progress)):
-                stems, name = _load(song, sr, index)
+                stems = _load(song, sr, index)
                 for kind, audio in stems.items():
-                    audio = normalizer.normalize_stem(kind, audio, sr, song_seed(seed, name), stages=previous)
+                    audio = normalizer.normalize_stem(kind, audio, sr, stem_rng(seed, names[index], kind), stages=previous)
                     if not is_silent(audio):
                         features[kind].append(_measure(stage, audio, sr))
             normalizer._set_reference(stage, features)
@@ -152,20 +162,23 @@ class FxNormalizer:
         self,
         stems: Mapping[str, np.ndarray],
         sr: int,
-        rng: np.random.Generator | None = None,
+        song: str = "",
+        seed: int | None = 0,
         inference: bool = False,
         reverb: bool = True,
     ) -> dict[str, np.ndarray]:
         """Normalise every stem of a song: {type: (2, n) float32}, computed in float32 throughout.
 
-        Training (``inference=False``): vocals and other get a random reverb augmentation (from
-        ``rng``, fresh entropy if None). Inference: they get the short 50/50 reverb for dry stems
-        (seed 0 if ``rng`` is None). ``reverb=False`` skips either. Mono stems become stereo.
+        Training (``inference=False``): vocals and other get a random reverb augmentation.
+        Inference: they get the short 50/50 reverb for dry stems. The draws come from
+        :func:`stem_rng` of ``seed`` and the song's name, fresh entropy if ``seed`` is None.
+        ``reverb=False`` skips either. Mono stems become stereo.
         """
         stages = STAGES if reverb else STAGES[1:]
-        rng = rng if rng is not None else np.random.default_rng(0 if inference else None)
         return {
-            kind: self.normalize_stem(kind, np.asarray(audio, dtype=np.float32), sr, rng, inference, stages)
+            kind: self.normalize_stem(kind, np.asarray(audio, dtype=np.float32), sr,
+                                      np.random.default_rng() if seed is None else stem_rng(seed, song, kind),
+                                      inference, stages)
             for kind, audio in stems.items()
         }
 
@@ -182,7 +195,8 @@ class FxNormalizer:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the references to one ``.npz`` file (atomically)."""
-        arrays = {"meta": np.array(json.dumps({"sr": self.sr, "panning_reference_scale": self.panning_reference_scale}))}
+        meta = {"sr": self.sr, "panning_reference_scale": self.panning_reference_scale, "fitted_on": list(self.fitted_on)}
+        arrays = {"meta": np.array(json.dumps(meta))}
         for kind in STEMS:
             arrays[f"{kind}/drc"] = np.asarray(self.drc_reference[kind])
             arrays[f"{kind}/loudness"] = np.asarray(self.loudness_target[kind])
@@ -208,21 +222,22 @@ class FxNormalizer:
                 {k: arrays.get(f"{k}/panning") for k in STEMS},
                 {k: float(arrays[f"{k}/loudness"]) for k in STEMS},
                 meta["panning_reference_scale"],
+                meta.get("fitted_on", ()),
             )
         except KeyError as error:
             raise ValueError(f"{path}: features file lacks {error}") from error
 
 
-def _load(song: Song, sr: int, index: int) -> tuple[Mapping[str, np.ndarray], str]:
+def _load(song: Song, sr: int, index: int) -> Mapping[str, np.ndarray]:
     if isinstance(song, Mapping):
         unknown = set(song) - set(STEMS)
         if unknown:
             raise ValueError(f"song {index}: unknown stem types {sorted(unknown)}")
-        return song, f"song-{index}"
+        return song
     stems, song_sr = read_song(song)
     if song_sr != sr:
-        raise ValueError(f"{song}: sample rate {song_sr} Hz, expected {sr} Hz")
-    return stems, Path(song).name
+        raise InputError(f"{song}: sample rate {song_sr} Hz, expected {sr} Hz")
+    return stems
 
 
 def _measure(stage: str, audio: np.ndarray, sr: int):
@@ -237,6 +252,9 @@ def _measure(stage: str, audio: np.ndarray, sr: int):
 
 CACHE_RECORD = "fxnorm.json"
 
+#: Writes one normalised song (stem types and ``mixture`` -> (2, n) arrays) as the folder it is given.
+SongWriter = Callable[[Path, Mapping[str, np.ndarray], int], None]
+
 
 def _claim_cache(out_root: Path, settings: Mapping[str, object]) -> None:
     """Record in ``out_root`` which normalisation fills it; refuse a folder filled by another one."""
@@ -245,13 +263,14 @@ def _claim_cache(out_root: Path, settings: Mapping[str, object]) -> None:
         found = json.loads(record.read_text())
         if found != dict(settings):
             changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
-            raise ValueError(
-                f"{out_root} holds stems normalised with different settings ({', '.join(changed)} changed); "
+            details = "; ".join(f"{k} changed: {found.get(k)!r} there, {settings.get(k)!r} now" for k in changed)
+            raise InputError(
+                f"{out_root} holds stems normalised with different settings ({details}); "
                 "delete it, or choose another cache folder"
             )
         return
-    if out_root.is_dir() and list_songs(out_root):
-        raise ValueError(
+    if out_root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in out_root.iterdir()):
+        raise InputError(
             f"{out_root} holds songs but no {CACHE_RECORD}, so how they were normalised is unknown; "
             "delete it, or choose another cache folder"
         )
@@ -267,17 +286,22 @@ def normalize_folder(
     inference: bool = False,
     seed: int = 0,
     progress: bool = True,
+    write: SongWriter = write_song,
+    layout: str = "wav",
 ) -> int:
-    """Normalise every song under ``songs_root`` into ``out_root/<song>/`` (float WAVs); returns how many were written.
+    """Normalise every song under ``songs_root`` into ``out_root/<song>/``; returns how many were written.
 
-    Resumable: songs whose output folder exists are skipped, and each folder is written
-    atomically. A ``mixture.wav`` is copied unchanged. Reverb is seeded per song name, so a
-    re-run produces the same files. ``out_root/fxnorm.json`` records the normalizer's
-    fingerprint and the settings; resuming with different ones is an error rather than a cache
-    that silently mixes two normalisations.
+    ``write`` stores a song (default: one float WAV per stem; ``layout`` names the format in the
+    record). Resumable: songs whose output folder exists are skipped, and each folder is written
+    atomically. A ``mixture.wav`` is passed on unchanged. Reverb is drawn per song and stem
+    (:func:`stem_rng`), so a re-run produces the same files. ``out_root/fxnorm.json`` records the
+    normalizer's fingerprint, the settings and the source folder; resuming with different ones is
+    an error naming both rather than a cache that silently mixes two normalisations or datasets.
     """
     out_root = Path(out_root)
-    _claim_cache(out_root, {"features": normalizer.fingerprint(), "inference": bool(inference), "seed": int(seed)})
+    settings = {"features": normalizer.fingerprint(), "inference": bool(inference), "seed": int(seed),
+                "source": str(Path(songs_root).resolve()), "layout": layout}
+    _claim_cache(out_root, settings)
     written = 0
     for folder in tqdm(list_songs(songs_root), desc=f"normalize {Path(songs_root).name}", unit="song", disable=not progress):
         target = out_root / folder.name
@@ -286,9 +310,9 @@ def normalize_folder(
         names = [s for s in (*STEMS, MIXTURE) if (folder / f"{s}.wav").is_file()]
         stems, sr = read_song(folder, names)
         mixture = stems.pop(MIXTURE, None)
-        output = normalizer.normalize_song(stems, sr, rng=song_seed(seed, folder.name), inference=inference)
+        output = normalizer.normalize_song(stems, sr, song=folder.name, seed=seed, inference=inference)
         if mixture is not None:
             output[MIXTURE] = mixture
-        write_song(target, output, sr)
+        write(target, output, sr)
         written += 1
     return written

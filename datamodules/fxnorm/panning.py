@@ -16,6 +16,11 @@ With the exact inverse the gains are (loud + quiet) / ((1 + r_ref) |X|) times 1 
 and r_ref for the quieter channel: the bin keeps |L| + |R| (the linear law's invariant) and its
 similarity becomes the reference exactly.
 
+Which frames are re-panned follows the authors: all but the near-silent ones, by an absolute
+floor on the peak of the frame's mono spectrum (:func:`frame_floor`), so a quiet verse is
+re-panned like its chorus. A bin with no side (every bin of a mono stem) gets one from a fixed
+comb (:func:`_repan`), so mono stems reach the reference similarity like wet training stems do.
+
 The STFT (2048 samples, hop 1024, sqrt-Hann, one frame of zero padding at each end) runs over
 blocks of frames, so memory stays bounded for any song length.
 """
@@ -27,7 +32,8 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
-from datamodules.fxnorm.audio import as_audio, extended_block, is_silent
+from datamodules.fxnorm.audio import as_audio, extended_block, is_silent, peak
+from datamodules.fxnorm.drc import MEASURE_PEAK_DB
 
 N_FFT = 2048
 HOP = 1024
@@ -36,6 +42,8 @@ FRAME_THRESHOLD_DB = -10.0
 CUTOFF_HZ = {"vocals": 16000.0, "bass": 16000.0, "other": 16000.0, "drums": 6000.0}
 #: Savitzky-Golay window (bins, order 1) for the reference similarity.
 SMOOTHING_WINDOW = 101
+#: Width (bins, 172 Hz at 44.1 kHz) of the alternating bands that give side-less bins a side.
+COMB_BINS = 8
 _FRAMES_PER_BLOCK = 64
 _EPS = 1e-12
 
@@ -74,25 +82,22 @@ def _overlap_add(out: np.ndarray, spectrum: np.ndarray, first: int) -> None:
     out[:, lo:hi] += hops.reshape(channels, -1)[:, lo - start : hi - start]
 
 
-def active_frames(audio: np.ndarray, threshold_db: float = FRAME_THRESHOLD_DB) -> np.ndarray:
-    """Frames whose mono-mix energy lies within ``threshold_db`` of the loudest frame (bool per frame).
+def _active(spectrum: np.ndarray, floor: float) -> np.ndarray:
+    """Frames of a (2, frames, bins) block whose mono spectrum ``|L + R|`` peaks at or above ``floor``."""
+    return np.abs(spectrum[0] + spectrum[1]).max(axis=1) >= floor
 
-    A frame's energy is sum((window * (L + R) / 2)^2), computed in the time domain hop by hop:
-    the squared sqrt-Hann is the Hann window, whose two halves weight the frame's two hops.
+
+def frame_floor(audio: np.ndarray, threshold_db: float = FRAME_THRESHOLD_DB) -> float:
+    """The magnitude below which a frame's mono spectrum counts as silent, for this stem.
+
+    The authors' rule is absolute: ``max |STFT(L + R)| < threshold_db`` (dB re 1, unnormalised
+    STFT) at the level their chain delivers a stem to this stage, the DRC's measuring level of
+    -10 dBFS peak. Here the stem keeps its own level, so the floor is scaled by the stem's peak
+    relative to that level: the result does not depend on the stem's gain, and for a stem at
+    -10 dBFS it is the authors' threshold exactly. A full-scale sine's frame peaks at ~1,300 times
+    its amplitude, so only frames about 60 dB or more below the stem's peak stay untouched.
     """
-    n = audio.shape[1]
-    hann = _window(np.float64) ** 2
-    halves = np.stack([hann[:HOP], hann[HOP:]], axis=1)
-    hop_count = frame_count(n) - 1
-    weighted = np.empty((hop_count, 2))
-    for first in range(0, hop_count, 4 * _FRAMES_PER_BLOCK):
-        last = min(first + 4 * _FRAMES_PER_BLOCK, hop_count)
-        mono = extended_block(audio, first * HOP, last * HOP).mean(axis=0)
-        weighted[first:last] = (mono * mono).reshape(-1, HOP) @ halves.astype(mono.dtype)
-    energy = np.zeros(frame_count(n))
-    energy[1:] += weighted[:, 0]  # frame f starts with hop f - 1
-    energy[:-1] += weighted[:, 1]  # and ends with hop f
-    return energy >= energy.max() * 10.0 ** (threshold_db / 10.0)
+    return 10.0 ** ((threshold_db - MEASURE_PEAK_DB) / 20.0) * peak(audio)
 
 
 def similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -101,19 +106,23 @@ def similarity(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def mean_similarity(audio: np.ndarray, threshold_db: float = FRAME_THRESHOLD_DB) -> np.ndarray:
-    """Mean psi per bin over the active frames: the stem's Stereo Panning Spectrum feature.
-
-    Mono input is duplicated to stereo (psi = 1 everywhere).
+    """Mean psi per bin over the active frames (:func:`frame_floor`): the stem's Stereo Panning
+    Spectrum feature. Mono input is duplicated to stereo (psi = 1 everywhere). A stem without an
+    active frame (its channels cancel in the mono sum) is averaged over all frames.
     """
     audio = as_audio(audio, stereo=True)
-    active = active_frames(audio, threshold_db)
-    total = np.zeros(N_FFT // 2 + 1)
+    floor = frame_floor(audio, threshold_db)
+    total, count = np.zeros(N_FFT // 2 + 1), 0
+    everything, frames = np.zeros(N_FFT // 2 + 1), 0
     for first, last in _frame_blocks(audio.shape[1]):
-        selected = active[first:last]
-        if selected.any():
-            magnitude = np.abs(_stft(audio, first, last)[:, selected])
-            total += similarity(magnitude[0], magnitude[1]).sum(axis=0)
-    return total / active.sum()
+        spectrum = _stft(audio, first, last)
+        psi = similarity(np.abs(spectrum[0]), np.abs(spectrum[1]))
+        active = _active(spectrum, floor)
+        total += psi[active].sum(axis=0)
+        count += int(active.sum())
+        everything += psi.sum(axis=0)
+        frames += psi.shape[0]
+    return total / count if count else everything / frames
 
 
 def smooth_similarity(psi: np.ndarray, window: int = SMOOTHING_WINDOW) -> np.ndarray:
@@ -127,15 +136,24 @@ def level_ratio(psi: np.ndarray) -> np.ndarray:
 
 
 def _repan(spectrum: np.ndarray, reference_ratio: np.ndarray) -> None:
-    """Give every bin of ``spectrum`` (2, frames, bins) the level ratio ``reference_ratio``, in place."""
+    """Give every bin of ``spectrum`` (2, frames, bins) the level ratio ``reference_ratio``, in place.
+
+    A bin keeps its side (its louder channel). A bin with no side, |L| = |R| as in every bin of a
+    mono stem, gets the side of its band in a comb of :data:`COMB_BINS`-bin bands alternating left
+    and right. Both channels keep the common phase, so the stem's mono sum L + R is unchanged and it
+    reaches the reference similarity like a stereo stem. Bands are wider than a partial's main lobe
+    (three bins), which per-bin alternation would split and the inverse STFT blur back towards
+    psi = 1. A broadband stem stays centred; one whose energy sits in a single band leans to that
+    band's side, as any re-panning of a mono source must (psi depends on magnitudes only).
+    """
     left, right = np.abs(spectrum)
     loud = (left + right) / (1.0 + reference_ratio)  # |L| + |R| is kept
     quiet = loud * reference_ratio
-    centred = left == right  # no side to pan to: unity gain
+    left_band = (np.arange(spectrum.shape[-1]) // COMB_BINS) % 2 == 0
+    centred = left == right
     for channel, (this, other) in enumerate(((left, right), (right, left))):
-        gain = np.where(this > other, loud, quiet) / np.maximum(this, _EPS)
-        gain[centred] = 1.0
-        spectrum[channel] *= gain
+        louder = np.where(centred, left_band if channel == 0 else ~left_band, this > other)
+        spectrum[channel] *= np.where(louder, loud, quiet) / np.maximum(this, _EPS)
 
 
 def normalize_panning(
@@ -149,20 +167,21 @@ def normalize_panning(
     """Re-pan every bin of every active frame to the reference similarity, keeping its side.
 
     ``reference_psi`` has N_FFT/2 + 1 bins. ``reference_scale`` multiplies it (the authors used
-    0.9, pushing every stem slightly wider than the dataset mean; 1 matches the mean). Frames more
-    than ``-threshold_db`` below the stem's loudest frame and bins above ``cutoff_hz`` keep unity
-    gain. Mono input is duplicated to stereo; silent stems are returned unchanged.
+    0.9, pushing every stem slightly wider than the dataset mean; 1 matches the mean). Frames whose
+    mono spectrum stays below :func:`frame_floor` (near-silence) and bins above ``cutoff_hz`` keep
+    unity gain; bins without a side get one as :func:`_repan` describes. Mono input is duplicated
+    to stereo; silent stems are returned unchanged.
     """
     audio = as_audio(audio, stereo=True)
     if is_silent(audio):
         return audio.copy()
     bins = int(np.count_nonzero(scipy.fft.rfftfreq(N_FFT, 1.0 / sr) <= cutoff_hz))
     reference_ratio = level_ratio(reference_scale * np.asarray(reference_psi)[:bins]).astype(audio.dtype)
-    active = active_frames(audio, threshold_db)
+    floor = frame_floor(audio, threshold_db)
     out = np.zeros_like(audio)
     for first, last in _frame_blocks(audio.shape[1]):
         spectrum = _stft(audio, first, last)
-        selected = np.flatnonzero(active[first:last])
+        selected = np.flatnonzero(_active(spectrum, floor))
         if selected.size:
             touched = spectrum[:, selected, :bins]
             _repan(touched, reference_ratio)

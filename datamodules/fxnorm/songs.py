@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import soundfile as sf
 
+from framework.errors import InputError
 from framework.io import atomic_path
 
 STEMS = ("vocals", "bass", "drums", "other")
@@ -22,25 +23,42 @@ def list_songs(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and any((p / f"{s}.wav").is_file() for s in STEMS))
 
 
-def song_info(folder: str | os.PathLike, names: Iterable[str]) -> tuple[int, int]:
-    """(sample rate, length) shared by the named WAVs of a song, checked without decoding audio."""
+def stem_info(path: str | os.PathLike) -> tuple[int, int]:
+    """(sample rate, length) of one mono or stereo WAV, read from its header; an
+    :class:`InputError` naming the file when it is missing, unreadable, empty or has more channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: missing")
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError) as error:
+        raise InputError(f"{path}: unreadable ({error})") from error
+    if info.frames == 0:
+        raise InputError(f"{path}: no samples")
+    if info.channels > 2:
+        raise InputError(f"{path}: expected mono or stereo, got {info.channels} channels")
+    return info.samplerate, info.frames
+
+
+def song_info(folder: str | os.PathLike, names: Iterable[str], sr: int | None = None) -> tuple[int, int]:
+    """(sample rate, length) shared by the named WAVs of a song, checked without decoding audio:
+    an :class:`InputError` names the file that is missing, unreadable or empty, or whose sample
+    rate (``sr``, if given, else the first file's) or length differs."""
     folder = Path(folder)
-    rates, lengths = {}, {}
+    first = None
     for name in names:
         path = folder / f"{name}.wav"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing stem")
-        info = sf.info(str(path))
-        if info.channels > 2:
-            raise ValueError(f"{path}: expected mono or stereo, got {info.channels} channels")
-        rates[path], lengths[path] = info.samplerate, info.frames
-    first = next(iter(rates))
-    for path in rates:
-        if rates[path] != rates[first]:
-            raise ValueError(f"{path}: sample rate {rates[path]} Hz differs from {first.name} ({rates[first]} Hz)")
-        if lengths[path] != lengths[first]:
-            raise ValueError(f"{path}: {lengths[path]} samples, but {first.name} has {lengths[first]}; stems of a song must have equal length")
-    return rates[first], lengths[first]
+        rate, length = stem_info(path)
+        if first is None:
+            first = (path, rate, length)
+        expected = sr if sr is not None else first[1]
+        if rate != expected:
+            raise InputError(f"{path}: sample rate {rate} Hz, expected {expected} Hz")
+        if length != first[2]:
+            raise InputError(f"{path}: {length} samples, but {first[0].name} has {first[2]}; stems of a song must have equal length")
+    if first is None:
+        raise InputError(f"{folder}: no stems to read")
+    return first[1], first[2]
 
 
 def read_stem(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -50,7 +68,7 @@ def read_stem(path: str | os.PathLike, start: int = 0, stop: int | None = None) 
     if audio.shape[0] == 1:
         audio = np.repeat(audio, 2, axis=0)
     if not np.all(np.isfinite(audio)):
-        raise ValueError(f"{path}: contains NaN or infinite samples")
+        raise InputError(f"{path}: contains NaN or infinite samples")
     return np.ascontiguousarray(audio)
 
 

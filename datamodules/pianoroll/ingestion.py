@@ -7,18 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from datamodules.pianoroll.cache import REPORT_NAME, SHARD_PATTERN, pack_phrases, write_report, write_shard
-from datamodules.pianoroll.midi_reader import NO_WINDOWS, SkipFile, midi_to_windows
+from datamodules.pianoroll.cache import REPORT_NAME, SHARD_PATTERN, write_report, write_shard
+from datamodules.pianoroll.layout import PACKED_BYTES
+from datamodules.pianoroll.midi_reader import SkipFile, compile_kernels, midi_to_packed_windows
 
 NO_PHRASES = "no_phrases"
 PARSE_ERROR = "parse_error"
 _REPORT_EXAMPLES = 5
+_NO_PACKED, _NO_STARTS = np.zeros((0, PACKED_BYTES), dtype=np.uint8), np.zeros(0, dtype=np.int64)
 
 
 def _ingest_chunk(job: tuple[str, str, list[str]]) -> int:
@@ -26,15 +29,15 @@ def _ingest_chunk(job: tuple[str, str, list[str]]) -> int:
     src, shard, files = job
     packed, phrase_file, start_bars, file_phrases, file_reasons = [], [], [], [], []
     for index, name in enumerate(files):
-        phrases, starts, reason = NO_WINDOWS[0], NO_WINDOWS[1], ""
+        phrases, starts, reason = _NO_PACKED, _NO_STARTS, ""
         try:
-            phrases, starts = midi_to_windows(Path(src) / name)
+            phrases, starts = midi_to_packed_windows(os.path.join(src, name))
             reason = "" if len(phrases) else NO_PHRASES
         except SkipFile as skip:
             reason = skip.reason
         except Exception as error:  # a defect met in one file must not stop a run over 100,000s of them
             reason = f"{PARSE_ERROR}:{type(error).__name__}"
-        packed.append(pack_phrases(phrases))
+        packed.append(phrases)
         phrase_file.append(np.full(len(phrases), index))
         start_bars.append(starts)
         file_phrases.append(len(phrases))
@@ -63,8 +66,14 @@ def _shard_is_current(shard: Path, files: list[str]) -> bool:
 
 
 def _midi_files(src: Path) -> list[str]:
-    suffixes = {".mid", ".midi"}
-    return sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    """Relative paths (with "/") of the .mid/.midi files under ``src``, sorted; linked folders are followed."""
+    found = []
+    for folder, _, names in os.walk(src, followlinks=True):
+        relative = Path(folder).relative_to(src).as_posix()
+        for name in names:
+            if os.path.splitext(name)[1].lower() in (".mid", ".midi") and os.path.isfile(os.path.join(folder, name)):
+                found.append(name if relative == "." else f"{relative}/{name}")
+    return sorted(found)
 
 
 def ingest(src: str | Path, out: str | Path, workers: int = 1, chunk_size: int = 256, progress: bool = True) -> dict:
@@ -85,15 +94,14 @@ def ingest(src: str | Path, out: str | Path, workers: int = 1, chunk_size: int =
     shards = [out / SHARD_PATTERN.format(i) for i in range(len(chunks))]
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(src), str(shard), chunk) for shard, chunk in zip(shards, chunks) if not _shard_is_current(shard, chunk)]
+    compile_kernels()  # before any worker starts: they then share one compiled cache
     with tqdm(total=len(files), initial=len(files) - sum(len(job[2]) for job in jobs), unit="file", desc="ingest", disable=not progress) as bar:
-        # The first chunk runs here, so the compiled MIDI scanner is cached before worker
-        # processes start: numba's on-disk cache is not safe against concurrent first writes.
-        serial, parallel = (jobs, []) if workers <= 1 or len(jobs) <= 1 else (jobs[:1], jobs[1:])
-        for job in serial:
-            bar.update(_ingest_chunk(job))
-        if parallel:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(parallel))) as pool:
-                for done in pool.imap_unordered(_ingest_chunk, parallel):
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                bar.update(_ingest_chunk(job))
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for done in pool.imap_unordered(_ingest_chunk, jobs):
                     bar.update(done)
     report = _summarise(shards)
     report["source"] = str(src)

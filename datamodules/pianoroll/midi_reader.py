@@ -1,17 +1,22 @@
 """Standard MIDI File -> bass+drum pianoroll phrases (LOOPS.md section 1).
 
-The reader is our own: one compiled pass locates the events (a sequential job by nature) and
-everything after it - note pairing, programs, track choice, quantisation, windows - is numpy array
-work, which is what makes bulk ingest of the Lakh MIDI set fast. Notes are read as pretty_midi reads
-them: a note-on is closed by the first later note-off of the same track, channel and pitch at a later
-tick, unclosed notes are dropped, the program is the one in force on the note's channel when it
-closes, and "tracks" are pretty_midi's instruments (track, channel, program) in the order their first
-note closes. Unlike pretty_midi, time-signature events are read from every track, not only the first.
+The reader is our own, compiled with numba: one pass locates the events, a second pairs notes,
+follows programs, picks the tracks and fills the grid, and a third counts the cells of each
+window; Python only reads the file and its chunk headers. That is what makes bulk ingest of the
+Lakh MIDI set fast (``benchmarks/ingest.py``). The compiled code indexes only positions it has
+checked against the file's length, so a hostile file is a counted skip, never a crash.
+
+Notes are read as pretty_midi reads them: a note-off closes every pending note-on of the same
+track, channel and pitch that began at an earlier tick (an off that closes none drops the notes
+begun at its own tick, so zero-length notes vanish), unclosed notes are dropped, the program is
+the one in force on the note's channel when it closes, and "tracks" are pretty_midi's instruments
+(track, channel, program) in the order their first note closes. Unlike pretty_midi, time-signature
+events are read from every track, not only the first.
 """
 from __future__ import annotations
 
+import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numba
@@ -28,6 +33,7 @@ from datamodules.pianoroll.layout import (
     N_BASS_PITCHES,
     N_COLUMNS,
     N_DRUM_CLASSES,
+    PACKED_BYTES,
     PHRASE_STEPS,
     STEPS_PER_BAR,
     STEPS_PER_BEAT,
@@ -60,19 +66,6 @@ class SkipFile(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-@dataclass
-class _Events:
-    """Every event of a file, in file order, as parallel arrays (track-local ticks)."""
-
-    data: np.ndarray  # file bytes as int64, zero-padded
-    track: np.ndarray
-    tick: np.ndarray
-    status: np.ndarray  # running status resolved; 0xFF meta, 0xF0/0xF7 sysex
-    data_at: np.ndarray  # offset of the first data byte (meta: of the payload)
-    meta_type: np.ndarray  # -1 for non-meta events
-    meta_length: np.ndarray  # payload length of meta events
 
 
 def _chunks(data: bytes) -> tuple[int, list[tuple[int, int]]]:
@@ -179,138 +172,285 @@ def _scan(b, starts, ends, data_bytes, track, delta, status, data_at, meta_type,
     return n, 0
 
 
-def _read_events(data: bytes, tracks: list[tuple[int, int]]) -> _Events:
-    """Locate and decode every event of every track."""
-    b = np.frombuffer(data + bytes(_PAD), dtype=np.uint8)
-    starts = np.array([start for start, _ in tracks], dtype=np.int64)
-    ends = np.array([end for _, end in tracks], dtype=np.int64)
-    capacity = int((ends - starts).sum()) // 2 + 1  # every event takes at least two bytes
-    track, delta, status, data_at, meta_type, meta_length = (np.empty(capacity, dtype=np.int64) for _ in range(6))
-    count, error = _scan(b, starts, ends, _DATA_BYTES, track, delta, status, data_at, meta_type, meta_length)
-    if error:
-        raise SkipFile("unreadable", _SCAN_ERRORS[error])
-    track = track[:count]
-    tick = np.cumsum(delta[:count])
-    track_start = np.searchsorted(track, np.arange(len(tracks)))
-    tick -= np.concatenate([[0], tick])[track_start][track]
-    return _Events(
-        b.astype(np.int64), track, tick, status[:count], data_at[:count], meta_type[:count], meta_length[:count]
-    )
+# Reasons the compiled reader returns by code, in the order they are checked.
+_REASONS = ("", "no_time_signature", "not_4_4", "absurd_tempo", "too_long", "no_drums", "no_bass")
+_DETAILS = {"absurd_tempo": f"a tempo is zero or faster than {MAX_BPM:g} BPM",
+            "too_long": f"notes beyond {MAX_STEPS // STEPS_PER_BAR} bars"}
+_KEYS = 16 * 128  # (channel, pitch) pairs of one track
+_BASS_FIRST, _BASS_END = BASS_PROGRAMS.start, BASS_PROGRAMS.stop
 
 
-def _check_meta(events: _Events) -> None:
-    """Time signatures: at least one, all 4/4. Tempi: positive and at most ``MAX_BPM``."""
-    b = events.data
-    signatures = np.flatnonzero(events.meta_type == _META_TIME_SIGNATURE)
-    if len(signatures) == 0:
-        raise SkipFile("no_time_signature")
-    at = events.data_at[signatures]
-    if np.any(events.meta_length[signatures] < 2) or np.any((b[at] != 4) | (b[at + 1] != 2)):
-        raise SkipFile("not_4_4")
-    tempi = np.flatnonzero(events.meta_type == _META_TEMPO)
-    at = events.data_at[tempi]
-    microseconds_per_beat = (b[at] << 16) | (b[at + 1] << 8) | b[at + 2]
-    if np.any(events.meta_length[tempi] < 3) or np.any(microseconds_per_beat * MAX_BPM < 60e6):
-        raise SkipFile("absurd_tempo", f"a tempo is zero or faster than {MAX_BPM:g} BPM")
+@numba.njit(cache=True, nogil=True)
+def _chosen_notes(b, track, delta, status, data_at, meta_type, meta_length, count, ticks_per_beat):  # pragma: no cover - compiled
+    """Check the meta events and pair the notes of the first drum and the first bass instrument.
+
+    Returns (reason code, pitch, onset tick, offset tick, notes kept), the note arrays indexed
+    [0] for the drums and [1] for the bass. Notes pair as pretty_midi pairs them: a note-off (or a
+    note-on of velocity 0) closes every pending note-on of its track, channel and pitch that
+    began at an earlier tick, and if there is none it drops those that began at its own tick
+    (zero-length notes). A note's instrument is (track, channel, the program in force on that
+    channel when it closes, 0 before any change); the first drum and the first bass instrument
+    are those whose first note closes first.
+    """
+    signatures = bad_signatures = bad_tempi = note_ons = 0
+    last_note_tick = -1
+    # Pending note-ons of each (channel, pitch) of the current track: a FIFO linked through next_on.
+    head = np.full(_KEYS, -1, np.int64)
+    tail = np.full(_KEYS, -1, np.int64)
+    owner = np.full(_KEYS, -1, np.int64)  # the track a key's list belongs to (lists of older tracks are stale)
+    next_on = np.empty(count, np.int64)
+    on_tick = np.empty(count, np.int64)
+    program = np.zeros(16, np.int64)
+    program_track = np.full(16, -1, np.int64)
+    chosen = np.full(2, -1, np.int64)  # instrument of the drums and of the bass: (track * 16 + channel) * 128 + program
+    n_notes = np.zeros(2, np.int64)
+    pitches = np.empty((2, count), np.int64)
+    onsets = np.empty((2, count), np.int64)
+    offsets = np.empty((2, count), np.int64)
+    tick = 0
+    for i in range(count):
+        t = track[i]
+        tick = delta[i] if i == 0 or track[i - 1] != t else tick + delta[i]
+        if meta_type[i] == 0x58:
+            signatures += 1
+            at = data_at[i]
+            if meta_length[i] < 2 or b[at] != 4 or b[at + 1] != 2:
+                bad_signatures += 1
+        elif meta_type[i] == 0x51:
+            at = data_at[i]
+            microseconds = (np.int64(b[at]) << 16) | (np.int64(b[at + 1]) << 8) | np.int64(b[at + 2])
+            if meta_length[i] < 3 or microseconds * MAX_BPM < 60e6:
+                bad_tempi += 1
+        kind, channel = status[i] & 0xF0, status[i] & 0x0F
+        if kind == 0xC0:
+            program[channel], program_track[channel] = b[data_at[i]], t
+            continue
+        if kind != 0x80 and kind != 0x90:
+            continue
+        pitch, velocity = np.int64(b[data_at[i]]), b[data_at[i] + 1]
+        last_note_tick = max(last_note_tick, tick)
+        key = channel * 128 + pitch
+        if owner[key] != t:
+            owner[key], head[key] = t, -1
+        if kind == 0x90 and velocity > 0:
+            note_ons += 1
+            on_tick[i], next_on[i] = tick, -1
+            if head[key] == -1:
+                head[key] = i
+            else:
+                next_on[tail[key]] = i
+            tail[key] = i
+            continue
+        current = program[channel] if program_track[channel] == t else 0
+        if channel == DRUM_CHANNEL:
+            role = 0
+        elif _BASS_FIRST <= current < _BASS_END:
+            role = 1
+        else:
+            role = -1
+        instrument = (t * 16 + channel) * 128 + current
+        closed = False
+        while head[key] != -1 and on_tick[head[key]] < tick:
+            if role >= 0:
+                if chosen[role] == -1:
+                    chosen[role] = instrument
+                if chosen[role] == instrument:
+                    k = n_notes[role]
+                    pitches[role, k], onsets[role, k], offsets[role, k] = pitch, on_tick[head[key]], tick
+                    n_notes[role] = k + 1
+            head[key] = next_on[head[key]]
+            closed = True
+        if not closed:  # an off that closes nothing drops the notes begun at its own tick
+            head[key] = -1
+
+    reason = 0
+    if signatures == 0:
+        reason = 1
+    elif bad_signatures:
+        reason = 2
+    elif bad_tempi:
+        reason = 3
+    elif note_ons and STEPS_PER_BEAT * last_note_tick // ticks_per_beat > MAX_STEPS:
+        reason = 4
+    elif n_notes[0] == 0:
+        reason = 5
+    elif n_notes[1] == 0:
+        reason = 6
+    return reason, pitches, onsets, offsets, n_notes
 
 
-@dataclass
-class _TrackNotes:
-    pitch: np.ndarray
-    start: np.ndarray  # ticks
-    end: np.ndarray  # ticks
-
-
-def _chosen_tracks(events: _Events, ticks_per_beat: int) -> tuple[_TrackNotes, _TrackNotes]:
-    """Completed notes of the first drum instrument and of the first bass instrument (programs 32-39)."""
-    b = events.data
-    kind = events.status & 0xF0
-    channel = events.status & 0x0F
-    pitch = b[events.data_at]
-    velocity = b[events.data_at + 1]
-    ons = np.flatnonzero((kind == 0x90) & (velocity > 0))
-    offs = np.flatnonzero((kind == 0x80) | ((kind == 0x90) & (velocity == 0)))
-    if len(ons) and STEPS_PER_BEAT * events.tick[np.concatenate([ons, offs])].max() // ticks_per_beat > MAX_STEPS:
-        raise SkipFile("too_long", f"notes beyond {MAX_STEPS // STEPS_PER_BAR} bars")
-
-    # A note-on is closed by the first note-off of the same (track, channel, pitch) at a later tick.
-    track_channel = events.track * 16 + channel
-    note_key = track_channel * 128 + pitch
-    tick_span = int(events.tick.max()) + 1 if len(events.tick) else 1
-    offs = offs[np.lexsort((offs, events.tick[offs], note_key[offs]))]
-    off_code = note_key[offs] * tick_span + events.tick[offs]
-    closer_at = np.searchsorted(off_code, note_key[ons] * tick_span + events.tick[ons], side="right")
-    closed = closer_at < len(offs)
-    ons = ons[closed]
-    closer = offs[closer_at[closed]]
-    closed = note_key[closer] == note_key[ons]
-    ons, closer = ons[closed], closer[closed]
-
-    # The program in force on the channel of that track when the note closes (0 before any change).
-    changes = np.flatnonzero(kind == 0xC0)
-    n_events = len(events.status)
-    change_code = track_channel[changes] * n_events + changes
-    order = np.argsort(change_code)
-    changes, change_code = changes[order], change_code[order]
-    latest = np.searchsorted(change_code, track_channel[closer] * n_events + closer) - 1
-    has_change = latest >= 0
-    has_change[has_change] = track_channel[changes[latest[has_change]]] == track_channel[closer[has_change]]
-    program = np.where(has_change, pitch[changes[np.maximum(latest, 0)]] if len(changes) else 0, 0)
-
-    instrument = track_channel[closer] * 128 + program
-    is_drum = channel[closer] == DRUM_CHANNEL
-    is_bass = ~is_drum & (program >= BASS_PROGRAMS.start) & (program < BASS_PROGRAMS.stop)
-    chosen = []
-    for candidates, reason in ((is_drum, "no_drums"), (is_bass, "no_bass")):
-        if not np.any(candidates):
-            raise SkipFile(reason)
-        # Instruments are ordered by their first closing note-off, so the first one owns the earliest.
-        first = instrument[np.flatnonzero(candidates)[np.argmin(closer[candidates])]]
-        mine = candidates & (instrument == first)
-        chosen.append(_TrackNotes(pitch[ons[mine]], events.tick[ons[mine]], events.tick[closer[mine]]))
-    return chosen[0], chosen[1]
-
-
-def _grid(drums: _TrackNotes, bass: _TrackNotes, ticks_per_beat: int) -> np.ndarray:
-    """The song's (steps, 57) binary grid, from step 0 to the last step either instrument occupies."""
-    drum_class = _DRUM_CLASS_OF_NOTE[drums.pitch]
-    hits = drum_class >= 0
-    drum_class = drum_class[hits]
-    drum_step = STEPS_PER_BEAT * drums.start[hits] // ticks_per_beat
-    in_range = (bass.pitch >= BASS_LOWEST) & (bass.pitch <= BASS_HIGHEST)
-    bass_pitch = bass.pitch[in_range] - BASS_LOWEST
-    bass_on = STEPS_PER_BEAT * bass.start[in_range] // ticks_per_beat
-    bass_off = np.maximum(-(-STEPS_PER_BEAT * bass.end[in_range] // ticks_per_beat), bass_on + 1)
-    steps = int(max(drum_step.max(initial=-1) + 1, bass_off.max(initial=0)))
-
-    grid = np.zeros((steps, N_COLUMNS), dtype=bool)
-    grid[drum_step, drum_class] = True
-    # Bass notes sounding at each step, by pitch: +1 at the onset, -1 after the last step, summed in time.
-    size = (steps + 1) * N_BASS_PITCHES
-    change = np.bincount(bass_on * N_BASS_PITCHES + bass_pitch, minlength=size)
-    change -= np.bincount(bass_off * N_BASS_PITCHES + bass_pitch, minlength=size)
-    sounding = np.cumsum(change.reshape(steps + 1, N_BASS_PITCHES), axis=0)[:steps] > 0
-    has_bass = sounding.any(axis=1)
-    lowest = np.argmax(sounding, axis=1)
-    grid[has_bass, N_DRUM_CLASSES + lowest[has_bass]] = True
+@numba.njit(cache=True, nogil=True)
+def _notes_grid(pitches, onsets, offsets, n_notes, ticks_per_beat, drum_class_of_note):  # pragma: no cover - compiled
+    """The (steps, 57) grid of the chosen notes: drum onsets on step floor(4 beats), bass from
+    floor(4 on) to ceil(4 off) - 1 (at least one step), the lowest sounding pitch per step; the
+    song spans step 0 to the last step either instrument occupies."""
+    steps = 0
+    for k in range(n_notes[0]):
+        if drum_class_of_note[pitches[0, k]] >= 0:
+            steps = max(steps, STEPS_PER_BEAT * onsets[0, k] // ticks_per_beat + 1)
+    # Bass notes in range as +1 at their first step and -1 after their last.
+    n_changes = 0
+    change_pitch = np.empty(2 * n_notes[1], np.int64)
+    change_sign = np.empty(2 * n_notes[1], np.int64)
+    change_step = np.empty(2 * n_notes[1], np.int64)
+    for k in range(n_notes[1]):
+        if BASS_LOWEST <= pitches[1, k] <= BASS_HIGHEST:
+            on = STEPS_PER_BEAT * onsets[1, k] // ticks_per_beat
+            off = max(-(-STEPS_PER_BEAT * offsets[1, k] // ticks_per_beat), on + 1)
+            steps = max(steps, off)
+            change_pitch[n_changes], change_sign[n_changes], change_step[n_changes] = pitches[1, k] - BASS_LOWEST, 1, on
+            change_pitch[n_changes + 1], change_sign[n_changes + 1], change_step[n_changes + 1] = pitches[1, k] - BASS_LOWEST, -1, off
+            n_changes += 2
+    grid = np.zeros((steps, N_COLUMNS), np.bool_)
+    for k in range(n_notes[0]):
+        column = drum_class_of_note[pitches[0, k]]
+        if column >= 0:
+            grid[STEPS_PER_BEAT * onsets[0, k] // ticks_per_beat, column] = True
+    # The changes listed per step; sweeping the steps, the lowest sounding pitch can only change
+    # where a note starts or ends.
+    first_change = np.full(steps + 1, -1, np.int64)
+    next_change = np.empty(n_changes, np.int64)
+    for c in range(n_changes):
+        next_change[c], first_change[change_step[c]] = first_change[change_step[c]], c
+    sounding = np.zeros(N_BASS_PITCHES, np.int64)
+    lowest = -1
+    for step in range(steps):
+        c = first_change[step]
+        if c != -1:
+            while c != -1:
+                sounding[change_pitch[c]] += change_sign[c]
+                c = next_change[c]
+            lowest = -1
+            for p in range(N_BASS_PITCHES):
+                if sounding[p] > 0:
+                    lowest = p
+                    break
+        if lowest >= 0:
+            grid[step, N_DRUM_CLASSES + lowest] = True
     return grid
+
+
+@numba.njit(cache=True, nogil=True)
+def _song_grid(b, starts, ends, data_bytes, ticks_per_beat, drum_class_of_note):  # pragma: no cover - compiled
+    """The song's (steps, 57) grid from the file bytes ``b`` and its track chunks ``b[starts[t]:ends[t]]``.
+
+    Returns (scan error, reason code, grid); the grid is empty unless both codes are 0.
+    """
+    capacity = 1
+    for t in range(len(starts)):
+        capacity += (ends[t] - starts[t]) // 2  # every event takes at least two bytes
+    track = np.empty(capacity, np.int64)
+    delta = np.empty(capacity, np.int64)
+    status = np.empty(capacity, np.int64)
+    data_at = np.empty(capacity, np.int64)
+    meta_type = np.empty(capacity, np.int64)
+    meta_length = np.empty(capacity, np.int64)
+    count, error = _scan(b, starts, ends, data_bytes, track, delta, status, data_at, meta_type, meta_length)
+    if error:
+        return error, 0, np.zeros((0, N_COLUMNS), np.bool_)
+    reason, pitches, onsets, offsets, n_notes = _chosen_notes(
+        b, track, delta, status, data_at, meta_type, meta_length, count, ticks_per_beat
+    )
+    if reason:
+        return 0, reason, np.zeros((0, N_COLUMNS), np.bool_)
+    return 0, 0, _notes_grid(pitches, onsets, offsets, n_notes, ticks_per_beat, drum_class_of_note)
+
+
+@numba.njit(cache=True, nogil=True)
+def _window_starts(grid):  # pragma: no cover - compiled
+    """Start bars of the full 8-bar windows (1-bar stride) with >= 32 drum and >= 32 bass cells."""
+    n_windows = max((len(grid) - PHRASE_STEPS) // STEPS_PER_BAR + 1, 0)
+    n_bars = n_windows + BARS_PER_PHRASE - 1 if n_windows else 0
+    drums = np.zeros(n_bars + 1, np.int64)  # cumulative active cells of each instrument, bar by bar
+    bass = np.zeros(n_bars + 1, np.int64)
+    for bar in range(n_bars):
+        d = m = 0
+        for step in range(bar * STEPS_PER_BAR, (bar + 1) * STEPS_PER_BAR):
+            for column in range(N_DRUM_CLASSES):
+                d += grid[step, column]
+            for column in range(N_DRUM_CLASSES, N_COLUMNS):
+                m += grid[step, column]
+        drums[bar + 1], bass[bar + 1] = drums[bar] + d, bass[bar] + m
+    keep = np.empty(n_windows, np.int64)
+    n = 0
+    for start in range(n_windows):
+        stop = start + BARS_PER_PHRASE
+        if drums[stop] - drums[start] >= MIN_ACTIVE_CELLS and bass[stop] - bass[start] >= MIN_ACTIVE_CELLS:
+            keep[n] = start
+            n += 1
+    return keep[:n]
+
+
+@numba.njit(cache=True, nogil=True)
+def _packed_windows(grid):  # pragma: no cover - compiled
+    """The qualifying windows of a grid bit-packed, (N, 912) uint8, and their start bars.
+
+    A bar is 16 x 57 = 912 cells, a whole number of bytes: each bar is packed once (cells in
+    row-major order, most significant bit first, as ``np.packbits``) and a window is the bytes
+    of its 8 bars.
+    """
+    start_bars = _window_starts(grid)
+    packed = np.zeros((len(start_bars), PACKED_BYTES), np.uint8)
+    if len(start_bars) == 0:
+        return packed, start_bars
+    bar_bytes = PACKED_BYTES // BARS_PER_PHRASE
+    bars = np.zeros((start_bars[-1] + BARS_PER_PHRASE, bar_bytes), np.uint8)
+    for bar in range(len(bars)):
+        bit = 0
+        for step in range(bar * STEPS_PER_BAR, (bar + 1) * STEPS_PER_BAR):
+            for column in range(N_COLUMNS):
+                if grid[step, column]:
+                    bars[bar, bit >> 3] = bars[bar, bit >> 3] | (128 >> (bit & 7))
+                bit += 1
+    for i in range(len(start_bars)):
+        for j in range(BARS_PER_PHRASE):
+            for k in range(bar_bytes):
+                packed[i, j * bar_bytes + k] = bars[start_bars[i] + j, k]
+    return packed, start_bars
 
 
 def window_phrases(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Phrases (N, 128, 57) of a song grid and their start bars: every full 8-bar window at a 1-bar
     stride with at least 32 active drum cells and 32 active bass cells."""
-    n_windows = max((len(grid) - PHRASE_STEPS) // STEPS_PER_BAR + 1, 0)
-    if n_windows == 0:
+    start_bars = _window_starts(np.ascontiguousarray(grid, dtype=np.bool_))
+    if len(start_bars) == 0:
         return NO_WINDOWS
-    n_bars = n_windows + BARS_PER_PHRASE - 1
-    bars = grid[: n_bars * STEPS_PER_BAR].reshape(n_bars, STEPS_PER_BAR, N_COLUMNS)
-    keep = np.ones(n_windows, dtype=bool)
-    for columns in (slice(0, N_DRUM_CLASSES), slice(N_DRUM_CLASSES, N_COLUMNS)):
-        total = np.concatenate([[0], np.cumsum(bars[:, :, columns].sum(axis=(1, 2)))])
-        keep &= total[BARS_PER_PHRASE:] - total[:n_windows] >= MIN_ACTIVE_CELLS
-    start_bars = np.flatnonzero(keep)
     rows = start_bars[:, None] * STEPS_PER_BAR + np.arange(PHRASE_STEPS)
     return grid[rows], start_bars
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's on-disk cache) the reader's kernels for the types files give.
+
+    Bulk ingest calls this before starting worker processes, so that they all load one finished
+    cache: numba's cache is not safe against concurrent first compiles.
+    """
+    empty = np.zeros(0, dtype=np.int64)
+    _, _, grid = _song_grid(np.frombuffer(bytes(_PAD), dtype=np.uint8), empty, empty, _DATA_BYTES, 1, _DRUM_CLASS_OF_NOTE)
+    _window_starts(grid)
+    _packed_windows(grid)
+
+
+def _song_grid_of(path: str | Path) -> np.ndarray:
+    """The (steps, 57) grid of one MIDI file; ``SkipFile`` if the file is unusable."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise SkipFile("too_large", f"{size} bytes")
+            data = handle.read()
+    except OSError as error:
+        raise SkipFile("unreadable", str(error)) from error
+    ticks_per_beat, tracks = _chunks(data)
+    b = np.frombuffer(data + bytes(_PAD), dtype=np.uint8)
+    starts = np.array([start for start, _ in tracks], dtype=np.int64)
+    ends = np.array([end for _, end in tracks], dtype=np.int64)
+    error, reason, grid = _song_grid(b, starts, ends, _DATA_BYTES, ticks_per_beat, _DRUM_CLASS_OF_NOTE)
+    if error:
+        raise SkipFile("unreadable", _SCAN_ERRORS[error])
+    if reason:
+        raise SkipFile(_REASONS[reason], _DETAILS.get(_REASONS[reason], ""))
+    return grid
 
 
 def midi_to_windows(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -318,17 +458,13 @@ def midi_to_windows(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     A readable, eligible file without a qualifying window gives N = 0.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise SkipFile("unreadable", str(error)) from error
-    if len(data) > MAX_FILE_BYTES:
-        raise SkipFile("too_large", f"{len(data)} bytes")
-    ticks_per_beat, tracks = _chunks(data)
-    events = _read_events(data, tracks)
-    _check_meta(events)
-    drums, bass = _chosen_tracks(events, ticks_per_beat)
-    return window_phrases(_grid(drums, bass, ticks_per_beat))
+    return window_phrases(_song_grid_of(path))
+
+
+def midi_to_packed_windows(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``midi_to_windows`` with the phrases bit-packed, (N, 912) uint8 as ``pack_phrases`` packs
+    them; the (N, 128, 57) phrases are never formed."""
+    return _packed_windows(_song_grid_of(path))
 
 
 def midi_to_phrases(path: str | Path) -> np.ndarray:
