@@ -110,20 +110,23 @@ class CNNVAE(pl.LightningModule):
         features = self.from_latent(z).view(len(z), self.hparams.channels, self.code_steps)
         measured: dict[str, Tensor] = {}
 
-        def record(name: str):
-            def hook(module: nn.Module, inputs: tuple[Tensor]) -> None:
-                measured[f"{name}.running_mean"] = inputs[0].mean(dim=(0, 2))
+        def normalise_by_batch(name: str):
+            def hook(module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> Tensor:
+                x = inputs[0]
+                measured[f"{name}.running_mean"] = x.mean(dim=(0, 2))
                 # biased, as BatchNorm normalises a batch: eval mode then reproduces the calibration pass
-                measured[f"{name}.running_var"] = inputs[0].var(dim=(0, 2), correction=0)
+                measured[f"{name}.running_var"] = x.var(dim=(0, 2), correction=0)
+                return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
             return hook
 
-        norms = [(name, m) for name, m in self.decoder.named_modules() if isinstance(m, nn.BatchNorm1d)]
-        handles = [module.register_forward_pre_hook(record(name)) for name, module in norms]
-        # Copies of the buffers take the running-statistics updates of this train-mode pass.
-        buffers = {name: buffer.clone() for name, buffer in self.decoder.named_buffers()}
+        # Eval mode, each layer's output replaced by its input normalised with batch statistics: no
+        # running statistics change, and a SyncBatchNorm (trainer.sync_batchnorm=true) never waits
+        # for the other ranks, which need not be sampling at the same time.
+        norms = [(name, m) for name, m in self.decoder.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm))]
+        handles = [module.register_forward_hook(normalise_by_batch(name)) for name, module in norms]
         was_training = self.decoder.training
         try:
-            functional_call(self.decoder.train(), buffers, (features,))
+            self.decoder.eval()(features)
         finally:
             self.decoder.train(was_training)
             for handle in handles:
