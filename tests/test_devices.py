@@ -9,6 +9,8 @@ depend on the autocast context.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from callbacks import GenerationMetrics
 from callbacks.metrics import PRDC, GenerativeMetrics, LoopScore, NoteDensity, UniquePitch, embed, prdc, random_cnn_embedding
 from lightning_modules.cnn_vae import CNNVAE
 from lightning_modules.loop_detector import LoopDetector
+from lightning_modules.musegan import MuseGAN
+from lightning_modules.music_transformer import MusicTransformer
 from lightning_modules.prior import LSTMPrior
 from lightning_modules.vqvae import VQVAE
 from tests.test_vqvae import loop_phrases
@@ -104,6 +108,27 @@ def test_prior_steps_and_decoding_stay_on_the_device():
     assert on_meta(logits, targets)
     assert on_meta(*prior.vqvae.parameters())
 
+
+def test_music_transformer_loss_and_sampling_stay_on_the_device():
+    model = MusicTransformer(hidden=16, layers=1, heads=2, feed_forward=32).eval()
+    model.set_first_steps(loop_phrases(4)[:, 0])
+    model.to(META)
+    assert on_meta(model._next_step_loss(loop_phrases(3).to(META)), model.sample(2))
+
+
+def test_musegan_training_step_stays_on_the_device_and_never_waits_for_it(monkeypatch):
+    model = MuseGAN(generator_width=16, critic_width=8, critic_steps=2)
+    model.on_train_start()  # once per fit, on the host
+    model.to(META)
+    idle = SimpleNamespace(zero_grad=lambda: None, step=lambda: None)
+    logged: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(model, "optimizers", lambda: (idle, idle))
+    monkeypatch.setattr(model, "manual_backward", lambda loss: loss.backward())
+    monkeypatch.setattr(model, "log_dict", lambda values, **kwargs: logged.update(values))
+    for batch_idx in range(2):  # the second critic update is followed by a generator update
+        model.training_step(loop_phrases(4).to(META), batch_idx)
+    assert "train/generator_loss/bass" in logged
+    assert on_meta(*logged.values(), model.critic_updates, model.eval().sample(2))
 
 def test_detector_held_out_metrics_stay_on_the_device():
     detector = trained_detector()
