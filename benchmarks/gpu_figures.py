@@ -87,7 +87,8 @@ def training_figures(args, folder: Path) -> dict[str, float]:
     n = (args.steps + args.warmup) * args.batch_size + 1  # one phrase is the (unused) validation split
     packed = pack_phrases(synthetic_loops(min(n, 20_000)))
     packed = np.tile(packed, (-(-n // len(packed)), 1))[:n]
-    write_phrase_cache(folder / "phrases", packed, ["synthetic.mid"] * n, np.arange(n))
+    # one song per phrase: the split by song then holds one phrase out, whatever n is
+    write_phrase_cache(folder / "phrases", packed, [f"synthetic_{i}.mid" for i in range(n)], np.zeros(n, np.int64))
     phrases = PhraseDataModule(str(folder / "phrases"), batch_size=args.batch_size, val_fraction=1 / n)
     width = 16 if args.quick else 128
     models = {
