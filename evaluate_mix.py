@@ -39,7 +39,7 @@ from framework.config import ConfigError, load_config  # noqa: E402
 from framework.errors import InputError  # noqa: E402
 from framework.io import atomic_path  # noqa: E402
 from lightning_modules.mixer import AutoMixer, mix_song  # noqa: E402
-from mix import features_path  # noqa: E402
+from mix import features_path, load_mixer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate_mix.yaml"
 TARGET, SUM = "target", "sum"
@@ -65,9 +65,7 @@ def load_systems(cfg: DictConfig, device: torch.device) -> tuple[dict[str, AutoM
     baselines = cfg.baseline if OmegaConf.is_list(cfg.baseline) else [cfg.baseline]
     systems, features = {}, {}
     for path in [cfg.ckpt, *baselines]:
-        model = AutoMixer.load_from_checkpoint(path, map_location=device).eval()
-        if model.hparams.pretrain:
-            raise ConfigError(f"{path} is a pretraining checkpoint, not a mixer")
+        model = load_mixer(path, device)
         name, count = model.hparams.network, 2
         while name in systems:
             name, count = f"{model.hparams.network}_{count}", count + 1

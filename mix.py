@@ -7,13 +7,15 @@
 duplicated to stereo). Stems of different lengths are an error unless ``pad=true``, which zero-pads
 the shorter ones to the longest; an unreadable, empty or non-finite stem is an error naming the
 file, printed as one line. Stems at another sample rate are resampled to the model's with librosa's
-``soxr_hq``. The stems are effect-normalised with the
-training set's FxNorm features (``features=`` or the path the checkpoint recorded), including the
-inference reverb on vocals and other, then mixed chunk by chunk (``mix_song``) and written as a
-stereo float WAV at the model's sample rate with exactly the stems' length.
+``soxr_hq``; a missing or unreadable checkpoint, or a pretraining one, is a one-line error too.
+The stems are effect-normalised with the training set's FxNorm features (``features=`` or the path
+the checkpoint recorded), including the inference reverb on vocals and other, then mixed chunk by
+chunk (``mix_song``) and written as a stereo float WAV at the model's sample rate with exactly the
+stems' length.
 """
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -85,6 +87,22 @@ def read_stems(folder: str | Path, sample_rate: int, pad: bool = False) -> dict[
     return stems
 
 
+def load_mixer(path: str | Path, device: torch.device | str = "cpu") -> AutoMixer:
+    """The mixer of checkpoint ``path`` on ``device``, in eval mode; an :class:`InputError` naming the
+    file when it is missing, cannot be read as an AutoMixer checkpoint, or holds a pretraining run."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        model = AutoMixer.load_from_checkpoint(path, map_location=device)
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+            pickle.UnpicklingError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"{path}: not a readable AutoMixer checkpoint ({type(error).__name__}: {first_line})") from error
+    if model.hparams.pretrain:
+        raise InputError(f"{path} is a front-end pretraining checkpoint, not a mixer")
+    return model.eval()
+
+
 def features_path(model: AutoMixer, ckpt: str, override: str | None) -> str:
     """The FxNorm feature file: the argument, else the module's ``features`` hyperparameter, else the
     datamodule's ``features`` in the checkpoint's resolved config."""
@@ -113,10 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"mix.py: {err}", file=sys.stderr)
         return 2
-    device = torch.device(args["device"])
-    model = AutoMixer.load_from_checkpoint(args["ckpt"], map_location=device)
-    sample_rate = int(model.hparams.sample_rate)
     try:
+        model = load_mixer(args["ckpt"], torch.device(args["device"]))
+        sample_rate = int(model.hparams.sample_rate)
         stems = read_stems(args["stems"], sample_rate, args["pad"])
         normalised = normalise(stems, features_path(model, args["ckpt"], args["features"]), sample_rate)
     except InputError as err:

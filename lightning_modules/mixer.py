@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 from typing import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from framework.errors import InputError
 from lightning_modules.nets.fxnorm_mixer import FilterBank, FxNormMixer
 from lightning_modules.nets.wave_u_net import WaveUNet
 
@@ -182,16 +184,20 @@ class AutoMixer(pl.LightningModule):
             self.load_front_end(self.hparams.init_from)
 
     def load_front_end(self, path: str) -> None:
-        """Copy the pretrained front-end weights of checkpoint ``path`` into this model."""
-        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        """Copy the pretrained front-end weights of checkpoint ``path`` into this model; an
+        :class:`InputError` naming the file when it is missing, unreadable or does not fit."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        except (OSError, RuntimeError, EOFError, KeyError, AttributeError, pickle.UnpicklingError) as error:
+            raise InputError(f"model.init_from={path}: cannot be read as a checkpoint ({type(error).__name__})") from error
         target = self.net.front_end_state()
         for name, parameter in target.items():
             key = f"net.{name}"
             if key not in state:
-                raise KeyError(f"{path}: checkpoint has no {key!r}; is it a pretraining checkpoint?")
+                raise InputError(f"model.init_from={path}: checkpoint has no {key!r}; is it a pretraining checkpoint?")
             if state[key].shape != parameter.shape:
-                raise ValueError(f"{path}: {key!r} has shape {tuple(state[key].shape)}, this model "
-                                 f"needs {tuple(parameter.shape)} (net settings differ)")
+                raise InputError(f"model.init_from={path}: {key!r} has shape {tuple(state[key].shape)}, this "
+                                 f"model needs {tuple(parameter.shape)} (net settings differ)")
             with torch.no_grad():
                 parameter.copy_(state[key])
 

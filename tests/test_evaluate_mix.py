@@ -72,3 +72,13 @@ def test_checkpoints_of_different_features_and_bad_songs_fail_in_one_line(multit
                               f"cache={tmp_path / 'cache'}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "drums.wav: missing" in error[0] and not (tmp_path / "cache").exists()
+
+
+def test_an_unreadable_checkpoint_fails_in_one_line_naming_it(multitrack_root, checkpoints, tmp_path, capsys):
+    mixer, _ = checkpoints
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint\n")
+    songs = multitrack_root / "multitrack" / "test"
+    assert evaluate_mix.main([f"ckpt={mixer}", f"baseline={corrupt}", f"songs={songs}", f"out={tmp_path / 'a'}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(corrupt) in error[0]

@@ -103,3 +103,22 @@ def test_bad_stems_fail_in_one_line_naming_the_file(tmp_path, checkpoint, capsys
     assert mix.main([f"ckpt={checkpoint}", f"stems={folder}", f"out={out}", "progress=false"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "bass.wav" in error[0] and not out.exists()
+
+
+@pytest.mark.parametrize("defect", ["missing", "corrupt", "pretraining"])
+def test_bad_checkpoints_fail_in_one_line_naming_the_file(tmp_path, checkpoint, capsys, defect):
+    folder = tmp_path / "stems"
+    folder.mkdir()
+    sf.write(folder / "vocals.wav", _tone(1.0, 440), SR)
+    ckpt = tmp_path / f"{defect}.ckpt"
+    if defect == "corrupt":
+        ckpt.write_bytes(b"not a checkpoint\n")
+    elif defect == "pretraining":
+        model = AutoMixer(pretrain=True, net={k: SMALL_NET[k] for k in ("filters", "kernel_size", "envelope_kernel", "pool")},
+                          sample_rate=SR)
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                    "pytorch-lightning_version": pl.__version__}, ckpt)
+    out = tmp_path / "mix.wav"
+    assert mix.main([f"ckpt={ckpt}", f"stems={folder}", f"out={out}", "progress=false"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(ckpt) in error[0] and not out.exists()

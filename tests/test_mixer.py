@@ -163,10 +163,19 @@ def test_pretrained_front_end_initialises_the_full_model(tmp_path):
         AutoMixer(network="wave_u_net", pretrain=True)
 
 
-def test_init_from_a_non_pretraining_checkpoint_fails_naming_the_file(tmp_path):
+@pytest.mark.parametrize("defect", ["missing", "corrupt", "not pretraining", "other widths"])
+def test_init_from_a_bad_checkpoint_is_an_input_error_naming_the_file(tmp_path, defect):
+    """An InputError, which train.py reports in one line, rather than a traceback."""
+    from framework.errors import InputError
+
     path = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {}}, path)
-    with pytest.raises(KeyError, match="other.ckpt"):
+    if defect == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    elif defect == "not pretraining":
+        torch.save({"state_dict": {}}, path)
+    elif defect == "other widths":
+        torch.save({"state_dict": AutoMixer(net={**FILTER_BANK, "filters": 8}, pretrain=True).state_dict()}, path)
+    with pytest.raises(InputError, match="other.ckpt"):
         AutoMixer(net=SMALL_NET, init_from=str(path)).setup("fit")
 
 

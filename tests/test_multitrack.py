@@ -238,6 +238,22 @@ def test_command_line_fit_and_normalize(demo, tmp_path):
     assert (tmp_path / "out" / "dry_000" / "vocals.wav").stat().st_mtime_ns == mtime  # resumed, not redone
 
 
+@pytest.mark.parametrize("defect", ["no songs folder", "no features file", "another normalisation"])
+def test_command_line_errors_are_one_line_naming_the_file(demo, tmp_path, capsys, defect):
+    songs, out, features = demo / "dry", tmp_path / "out", "musdb18"
+    if defect == "no songs folder":
+        songs = tmp_path / "missing"
+    elif defect == "no features file":
+        features = str(tmp_path / "missing.npz")
+    else:
+        fxnorm_main(["normalize", "--features", features, "--songs", str(songs), "--out", str(out), "--inference"])
+        capsys.readouterr()
+    assert fxnorm_main(["normalize", "--features", features, "--songs", str(songs), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    named = {"no songs folder": songs, "no features file": features, "another normalisation": out}[defect]
+    assert len(error) == 1 and str(named) in error[0], error
+
+
 def test_cache_refuses_stems_of_another_normalisation(demo, tmp_path):
     """Resuming into a cache filled with other features, reverb mode or seed is an error naming
     the folder and what changed, so a cache never mixes two normalisations."""

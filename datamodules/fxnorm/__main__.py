@@ -4,18 +4,22 @@
     python -m datamodules.fxnorm normalize --features F --songs DIR --out CACHE [--inference] [--seed 0]
 
 ``--features musdb18`` uses the built-in MUSDB18 loudness and DRC targets (no EQ or panning).
-Outputs are written atomically; ``normalize`` skips songs already in CACHE, so it resumes.
+Outputs are written atomically; ``normalize`` skips songs already in CACHE, so it resumes. A
+missing folder, an unusable file or a cache of another normalisation is reported in one line
+(exit code 2).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from datamodules.fxnorm.normalizer import FxNormalizer, normalize_folder
 from datamodules.fxnorm.songs import list_songs
+from framework.errors import InputError
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.fxnorm", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="fit per-stem-type references on training songs")
@@ -31,15 +35,21 @@ def main(argv: list[str] | None = None) -> None:
     normalize.add_argument("--inference", action="store_true", help="dry stems: short reverb instead of augmentation")
     normalize.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "fit":
-        normalizer = FxNormalizer.fit(list_songs(args.songs), args.sr, seed=args.seed, panning_reference_scale=args.panning_reference_scale)
-        normalizer.save(args.out)
-        print(f"wrote {args.out}")
-    else:
-        normalizer = FxNormalizer.musdb18_reference() if args.features == "musdb18" else FxNormalizer.load(args.features)
-        written = normalize_folder(normalizer, args.songs, args.out, inference=args.inference, seed=args.seed)
-        print(f"wrote {written} songs to {args.out}")
+    try:
+        if args.command == "fit":
+            normalizer = FxNormalizer.fit(list_songs(args.songs), args.sr, seed=args.seed,
+                                          panning_reference_scale=args.panning_reference_scale)
+            normalizer.save(args.out)
+            print(f"wrote {args.out}")
+        else:
+            normalizer = FxNormalizer.musdb18_reference() if args.features == "musdb18" else FxNormalizer.load(args.features)
+            written = normalize_folder(normalizer, args.songs, args.out, inference=args.inference, seed=args.seed)
+            print(f"wrote {written} songs to {args.out}")
+    except (InputError, FileNotFoundError) as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

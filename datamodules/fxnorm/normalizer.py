@@ -208,12 +208,13 @@ class FxNormalizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FxNormalizer":
+        """The normalizer saved at ``path``; an :class:`InputError` naming it when it is missing or not one."""
         try:
             with np.load(path) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {key: data[key] for key in data.files}
         except (OSError, ValueError, KeyError) as error:
-            raise ValueError(f"{path}: not an FxNormalizer features file ({error})") from error
+            raise InputError(f"{path}: not an FxNormalizer features file ({error})") from error
         try:
             return cls(
                 meta["sr"],
@@ -225,7 +226,7 @@ class FxNormalizer:
                 meta.get("fitted_on", ()),
             )
         except KeyError as error:
-            raise ValueError(f"{path}: features file lacks {error}") from error
+            raise InputError(f"{path}: features file lacks {error}") from error
 
 
 def _load(song: Song, sr: int, index: int) -> Mapping[str, np.ndarray]:
