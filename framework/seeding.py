@@ -32,16 +32,18 @@ def sampling_generator(seed: int, global_rank: int = 0, device: torch.device | s
 
 
 class RankSeeding(pl.Callback):
-    """Re-seed torch's global RNG (CPU and every GPU) with ``(seed, global rank)`` when training starts.
+    """Re-seed torch's global RNG (CPU and every GPU) with ``(seed, global rank, global step)`` when
+    training starts.
 
     Every rank builds and initialises the model from the common seed (networks built lazily in
     ``setup`` included); from the first training batch on, dropout masks and reparameterisation
     noise differ between ranks, as they would in one process over the whole batch, and the run
-    stays reproducible.
+    stays reproducible. The step a run starts from is a key too: a run resumed from a checkpoint
+    draws new noise (and, on one device, a new shuffle order) instead of replaying its first epoch's.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.manual_seed(stream_seed(self.seed, trainer.global_rank))
+        torch.manual_seed(stream_seed(self.seed, trainer.global_rank, trainer.global_step))
