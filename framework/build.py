@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
@@ -95,7 +96,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     kwargs = {k: v for k, v in to_container(cfg.trainer).items() if v is not None}
-    if kwargs.get("sync_batchnorm") and kwargs.get("accelerator") == "cpu":
+    accelerator = kwargs.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if kwargs.get("sync_batchnorm") and on_cpu:
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs: SyncBatchNorm has no CPU implementation.")
     logger = build_logger(cfg, run_dir)
     return pl.Trainer(

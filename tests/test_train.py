@@ -50,9 +50,11 @@ def test_every_experiment_passes_fast_dev_run(name, precision, demo_root, tmp_pa
     assert all(torch.isfinite(value).all() for value in trainer.callback_metrics.values())
 
 
-def test_batchnorm_sync_is_a_switch_that_needs_gpus(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("auto", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="auto picks the GPU"))])
+def test_batchnorm_sync_is_a_switch_that_needs_gpus(accelerator, tmp_path):
     with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
-        run_train([*SMALL, "trainer.sync_batchnorm=true", f"run_dir={tmp_path}"])
+        run_train([*SMALL[:-1], f"trainer.accelerator={accelerator}", "trainer.sync_batchnorm=true", f"run_dir={tmp_path}"])
 
 
 def test_misspelt_key_fails_before_any_work(tmp_path):
