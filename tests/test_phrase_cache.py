@@ -252,3 +252,16 @@ def test_mutated_files_are_counted_skips_in_a_worker_that_survives(midi_folder, 
     report = json.loads((tmp_path / "cache" / "report.json").read_text())
     assert report["files_seen"] == 400 and not any(reason.startswith("parse_error") for reason in report["skipped"])
     assert report["files_used"] > 0 and len(report["skipped"]) >= 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut_short", "not_an_archive"])
+def test_rerun_remakes_a_damaged_shard(midi_folder, tmp_path, damage):
+    root, _ = midi_folder
+    out = _ingested(root, tmp_path / "cache", chunk_size=5)
+    reference = load_phrase_cache(out)
+    shard = out / "shard-000001.npz"
+    whole = shard.read_bytes()
+    shard.write_bytes({"empty": b"", "cut_short": whole[: len(whole) // 2], "not_an_archive": b"PK\x03\x04" + bytes(64)}[damage])
+
+    ingest(root, out, chunk_size=5, progress=False)
+    np.testing.assert_array_equal(load_phrase_cache(out).packed, reference.packed)

@@ -8,6 +8,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -55,13 +56,14 @@ def _ingest_chunk(job: tuple[str, str, list[str]]) -> int:
 
 
 def _shard_is_current(shard: Path, files: list[str]) -> bool:
-    """True when a shard exists and was made from exactly these files (so a re-run may skip it)."""
+    """True when a shard exists and was made from exactly these files (so a re-run may skip it);
+    a damaged shard (empty, cut short, not an archive) is not current and is made again."""
     if not shard.is_file():
         return False
     try:
         with np.load(shard) as arrays:
             return arrays["files"].tolist() == files
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return False
 
 
