@@ -265,3 +265,16 @@ def test_rerun_remakes_a_damaged_shard(midi_folder, tmp_path, damage):
 
     ingest(root, out, chunk_size=5, progress=False)
     np.testing.assert_array_equal(load_phrase_cache(out).packed, reference.packed)
+
+
+@pytest.mark.parametrize("problem", ["missing_folder", "output_is_a_file", "chunk_size"])
+def test_command_line_errors_are_one_line(tmp_path, capsys, problem):
+    (tmp_path / "midi").mkdir()
+    (tmp_path / "a_file").write_text("")
+    src, out, extra = {"missing_folder": ("nowhere", "cache", []), "output_is_a_file": ("midi", "a_file", []),
+                       "chunk_size": ("midi", "cache", ["--chunk-size", "0"])}[problem]
+    with pytest.raises(SystemExit) as exit_:
+        pianoroll.main([str(tmp_path / src), str(tmp_path / out), *extra])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1
+    assert (str(tmp_path / src) if problem == "missing_folder" else "chunk_size" if problem == "chunk_size" else "a_file") in error
