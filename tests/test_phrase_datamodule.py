@@ -117,7 +117,7 @@ def test_prepare_data_ingests_a_missing_cache(tmp_path):
     assert len(module.phrases) == 6 and len(module.splits["val"]) == 2 and len(_songs(module, "val")) == 1
 
 
-@pytest.mark.parametrize("problem", ["missing", "cut_short_shard", "bad_report", "one_song"])
+@pytest.mark.parametrize("problem", ["missing", "cut_short_shard", "bad_report", "report_without_shards", "one_song"])
 def test_unusable_cache_is_one_line_from_train_py(tmp_path, capsys, problem):
     broken = tmp_path / "broken"
     write_phrase_cache(broken, np.zeros((3, 912), np.uint8), ["a.mid"] * 3, [0, 1, 2])
@@ -126,8 +126,8 @@ def test_unusable_cache_is_one_line_from_train_py(tmp_path, capsys, problem):
         broken = tmp_path / "nowhere"
     elif problem == "cut_short_shard":
         shard.write_bytes(shard.read_bytes()[:500])
-    elif problem == "bad_report":
-        (broken / "report.json").write_text("{")
+    elif problem in ("bad_report", "report_without_shards"):
+        (broken / "report.json").write_text("{" if problem == "bad_report" else "[]")
     argv = ["experiment=vqvae", f"datamodule.cache={broken}", "datamodule.midi=null", f"run_dir={tmp_path / 'run'}", "logger=none"]
     assert train.main(argv) == 2
     error = capsys.readouterr().err.strip()

@@ -271,9 +271,10 @@ def _read_report(cache: Path) -> dict:
         )
     try:
         report = json.loads(report_path.read_text())
-        report["shards"] + []
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise InputError(f"{report_path}: not a readable phrase cache report ({type(error).__name__}: {error})") from error
+    if not isinstance(report, dict) or not isinstance(report.get("shards"), list):
+        raise InputError(f"{report_path}: not a phrase cache report (it lists no shards)")
     return report
 
 
