@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo demo-mixing listening-test test test-fast benchmarks clean
+.PHONY: install demo demo-mixing listening-test test test-fast gpu-check benchmarks clean
 
 install: $(INSTALLED)
 
@@ -30,8 +30,14 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -n 2 -q -m "not slow"
 
+# On a CUDA machine (two GPUs for the DDP tests): the tests marked gpu, then the GPU figures.
+gpu-check: $(INSTALLED)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: CUDA is not available here')"
+	$(PY) -m pytest -q -m gpu -p no:xdist
+	$(PY) benchmarks/gpu_figures.py
+
 benchmarks: $(INSTALLED)
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/gpu_figures.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf runs data/demo

@@ -14,14 +14,23 @@ outputs all land in ``run_dir``:
     evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
     mixer/ wave_u_net/ mixes/ evaluation_mix/   the automatic-mixing steps: the mixer and its
                 Wave-U-Net baseline, mixes of the dry songs, and the objective table on the test songs
+
+Several devices (``devices=N``): each training step runs as its own job of N processes started by
+``torchrun`` (``python -m torch.distributed.run --standalone``), so the pipeline itself stays one
+process: encoding, generation and evaluation run once, and every step is handed the run
+directory resolved here. ``torchrun`` stops the whole job when one rank dies, and the pipeline
+stops with it. The non-training steps run on the first GPU when the training steps use GPUs.
 """
 from __future__ import annotations
 
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from omegaconf import DictConfig
 
 import evaluate
@@ -34,7 +43,8 @@ from framework.cli import script_main
 from framework.config import ConfigError, load_config
 from lightning_modules.vqvae import VQVAE
 
-CONFIG = Path(__file__).resolve().parent / "configs" / "pipeline.yaml"
+REPO = Path(__file__).resolve().parent
+CONFIG = REPO / "configs" / "pipeline.yaml"
 
 
 class Pipeline:
@@ -49,23 +59,35 @@ class Pipeline:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def _train(self, step: str, experiment: str, *args: str) -> str:
-        """Run ``train.py experiment=...`` into ``<run_dir>/<step>``; return its evaluation checkpoint."""
+    @property
+    def device(self) -> str:
+        """Where the steps that are not training run: the first GPU when training uses GPUs."""
+        accelerator = self.cfg.accelerator
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return "cuda" if gpu else "cpu"
+
+    def _train(self, step: str, experiment: str, *args: str) -> Path:
+        """Run ``train.py experiment=...`` into ``<run_dir>/<step>`` and return that folder.
+
+        One device: in this process. Several: a ``torchrun`` job of ``devices`` processes.
+        """
         cfg = self.cfg
+        run_dir = self.path(step)
         argv = [
-            f"experiment={experiment}", f"run_dir={self.path(step)}", f"seed={cfg.seed}",
+            f"experiment={experiment}", f"run_dir={run_dir}", f"seed={cfg.seed}",
             f"paths.demo={cfg.demo}", f"logger={cfg.logger}", f"trainer.accelerator={cfg.accelerator}",
             f"trainer.devices={cfg.devices}", *(["trainer.strategy=ddp"] if cfg.devices > 1 else []),
             *args, *self.args[step],
         ]
-        print(f"    python train.py {' '.join(argv)}")
-        trainer, *_ = train.run(argv)
-        callback = trainer.checkpoint_callback
-        best = callback.best_model_path if callback.monitor else ""
-        return best or str(self.path(step) / "checkpoints" / "last.ckpt")
-
-    def _device(self) -> str:
-        return "cuda" if self.cfg.accelerator in ("gpu", "cuda") else "cpu"
+        if cfg.devices > 1:
+            launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.devices}"]
+            print(f"    python {' '.join(launcher)} train.py {' '.join(argv)}", flush=True)
+            _check(subprocess.run([sys.executable, *launcher, str(REPO / "train.py"), *argv]).returncode,
+                   f"the {step} step (train.py under torchrun)")
+        else:
+            print(f"    python train.py {' '.join(argv)}", flush=True)
+            train.run(argv)
+        return run_dir
 
     def detector(self) -> None:
         cfg = self.cfg
@@ -74,31 +96,33 @@ class Pipeline:
                         f"callbacks.loop_analysis.phrases={cfg.phrases}"]
         else:
             analysis = ["callbacks.loop_analysis=null"]
-        self.checkpoints["detector"] = self._train("detector", "loop_detector", f"datamodule.loops={cfg.loops}", *analysis)
+        self.checkpoints["detector"] = evaluation_checkpoint(
+            self._train("detector", "loop_detector", f"datamodule.loops={cfg.loops}", *analysis))
 
     def extract(self) -> None:
         self._train("extract", "extract_loops", f"detector={self.checkpoints['detector']}",
                     f"phrases={self.cfg.phrases}", f"datamodule.midi={self.cfg.midi}", f"out={self.path('loops')}")
 
     def vqvae(self) -> None:
-        self.checkpoints["vqvae"] = self._train("vqvae", "vqvae", f"datamodule.cache={self.path('loops')}",
-                                                "datamodule.midi=null")
+        self.checkpoints["vqvae"] = evaluation_checkpoint(
+            self._train("vqvae", "vqvae", f"datamodule.cache={self.path('loops')}", "datamodule.midi=null"))
 
     def encode(self) -> None:
         ckpt = self.checkpoints["vqvae"]
         print(f"    python -m datamodules.codes encode --ckpt {ckpt} --phrases {self.path('loops')} --out {self.path('codes')}")
-        device = self._device()
-        model = VQVAE.load_from_checkpoint(ckpt, map_location=device)
-        encode_phrase_cache(model, self.path("loops"), self.path("codes"), device=device, vqvae_ckpt=ckpt)
+        model = VQVAE.load_from_checkpoint(ckpt, map_location=self.device)
+        encode_phrase_cache(model, self.path("loops"), self.path("codes"), device=self.device, vqvae_ckpt=ckpt)
 
     def prior(self) -> None:
-        self.checkpoints["prior"] = self._train("prior", "prior", f"datamodule.codes={self.path('codes')}")
+        self.checkpoints["prior"] = evaluation_checkpoint(
+            self._train("prior", "prior", f"datamodule.codes={self.path('codes')}",
+                        f"callbacks.generation.detector={self.checkpoints['detector']}"))
 
     def _baseline(self, name: str) -> None:
         """Train the baseline experiment ``name`` on the extracted loops, scoring its samples with the detector."""
-        self.checkpoints[name] = self._train(
+        self.checkpoints[name] = evaluation_checkpoint(self._train(
             name, name, f"datamodule.cache={self.path('loops')}", "datamodule.midi=null",
-            f"callbacks.generation.detector={self.checkpoints['detector']}")
+            f"callbacks.generation.detector={self.checkpoints['detector']}"))
 
     def cnn_vae(self) -> None:
         self._baseline("cnn_vae")
@@ -111,7 +135,7 @@ class Pipeline:
 
     def generate(self) -> None:
         argv = [f"prior={self.checkpoints['prior']}", f"detector={self.checkpoints['detector']}",
-                f"out={self.path('generated')}", f"seed={self.cfg.seed}", *self.args.generate]
+                f"out={self.path('generated')}", f"seed={self.cfg.seed}", f"device={self.device}", *self.args.generate]
         print(f"    python generate.py {' '.join(argv)}")
         _check(generate.main(argv), "generate.py")
 
@@ -120,23 +144,26 @@ class Pipeline:
         generators = [f"{key}={self.checkpoints.get(key) or 'null'}"
                       for key in ("prior", "cnn_vae", "music_transformer", "musegan")]
         argv = [f"training={self.path('loops')}", f"detector={self.checkpoints['detector']}", *generators,
-                f"out={self.path('evaluation')}", f"seed={self.cfg.seed}", *self.args.evaluate]
+                f"out={self.path('evaluation')}", f"seed={self.cfg.seed}", f"device={self.device}",
+                *self.args.evaluate]
         print(f"    python evaluate.py {' '.join(argv)}")
         _check(evaluate.main(argv), "evaluate.py")
 
     def mixer(self) -> None:
-        self.checkpoints["mixer"] = self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
-                                              f"datamodule.cache={self.cfg.normalised}")
+        self.checkpoints["mixer"] = evaluation_checkpoint(
+            self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
+                        f"datamodule.cache={self.cfg.normalised}"))
 
     def wave_u_net(self) -> None:
-        self.checkpoints["wave_u_net"] = self._train("wave_u_net", "mixer_wave_u_net", f"datamodule.root={self.cfg.multitrack}",
-                                                   f"datamodule.cache={self.cfg.normalised}")
+        self.checkpoints["wave_u_net"] = evaluation_checkpoint(
+            self._train("wave_u_net", "mixer_wave_u_net", f"datamodule.root={self.cfg.multitrack}",
+                        f"datamodule.cache={self.cfg.normalised}"))
 
     def evaluate_mix(self) -> None:
         baselines = [self.checkpoints[name] for name in ("wave_u_net",) if name in self.checkpoints]
         argv = [f"ckpt={self.checkpoints['mixer']}", f"baseline=[{','.join(baselines)}]",
                 f"songs={Path(self.cfg.multitrack) / 'test'}", f"cache={Path(self.cfg.normalised) / 'test'}",
-                f"out={self.path('evaluation_mix')}", f"device={self._device()}", *self.args.evaluate_mix]
+                f"out={self.path('evaluation_mix')}", f"device={self.device}", *self.args.evaluate_mix]
         print(f"    python evaluate_mix.py {' '.join(argv)}")
         _check(evaluate_mix.main(argv), "evaluate_mix.py")
 
@@ -163,18 +190,40 @@ def _check(returncode: int, what: str) -> None:
         raise RuntimeError(f"{what} exited with {returncode}")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: the budget a step costs,
+    which wall time on a shared machine does not show."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def evaluation_checkpoint(run_dir: Path) -> str:
+    """The checkpoint a finished ``train.py`` run in ``run_dir`` selected: the best by its monitor,
+    read from the checkpoint callback's state in ``last.ckpt``, else ``last.ckpt`` itself."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    for name, callback in state.get("callbacks", {}).items():
+        if name.startswith("ModelCheckpoint") and callback.get("monitor") and callback.get("best_model_path"):
+            return callback["best_model_path"]
+    return str(last)
+
+
 def run(argv: Sequence[str]) -> Pipeline:
     cfg = load_config(CONFIG, argv)
     if cfg.scale not in cfg.scales:
         raise ConfigError(f"scale={cfg.scale!r}; choose one of: {', '.join(cfg.scales)}.")
     pipeline = Pipeline(cfg)
     steps = pipeline.steps()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), cpu_seconds()
+
+    def elapsed() -> str:
+        return f"{time.monotonic() - started:.0f} s elapsed, {cpu_seconds() - cpu_started:.0f} s CPU"
+
     for number, (name, step) in enumerate(steps, 1):
-        print(f"\n[{number}/{len(steps)}] {name}  ({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        print(f"\n[{number}/{len(steps)}] {name}  ({elapsed()})", flush=True)
         step()
     root = pipeline.root
-    print(f"\nDone in {time.monotonic() - started:.0f} s. Outputs in {root}:")
+    print(f"\nDone ({elapsed()}). Outputs in {root}:")
     for label, where in [("generated MIDI loops", root / "generated" / "midi"),
                          ("pianorolls", root / "generated" / "pianorolls.png"),
                          ("evaluation tables", root / "evaluation"),

@@ -3,6 +3,11 @@
 Composes the configuration (``framework.config``), builds the DataModule, the LightningModule, the
 callbacks, the logger and the Trainer from it (``framework.build``), then runs the configured
 stages (``fit`` then ``test`` by default). Everything the run writes goes under ``run_dir``.
+
+Several processes: ``trainer.devices=N trainer.strategy=ddp`` lets Lightning start the other ranks
+(it reruns this script with the same arguments); an external launcher works as well, e.g.
+``torchrun --nproc_per_node=N train.py ... trainer.devices=N trainer.strategy=ddp`` or one
+``srun`` task per device. Either way every rank writes into rank zero's run directory.
 """
 from __future__ import annotations
 
@@ -11,13 +16,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import pytorch_lightning as pl
-from omegaconf import OmegaConf
-from pytorch_lightning.utilities.model_helpers import is_overridden
+from framework.launch import separate_numba_cache, shared_run_dir
 
-from framework.build import build_trainer, instantiate
-from framework.cli import script_main
-from framework.config import ConfigError, compose
+separate_numba_cache()  # before any import of numba
+
+import pytorch_lightning as pl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from pytorch_lightning.utilities.model_helpers import is_overridden  # noqa: E402
+
+from framework.build import build_trainer, instantiate  # noqa: E402
+from framework.cli import script_main  # noqa: E402
+from framework.config import ConfigError, compose  # noqa: E402
 
 # Lightning's ddp strategy relaunches this script once per extra rank. The children inherit the
 # environment, so rank 0 publishes its resolved run directory here and they reuse it instead of
@@ -36,6 +45,9 @@ def run(argv: Sequence[str]):
     if inherited and "LOCAL_RANK" in os.environ:
         argv.append(f"run_dir={inherited}")
     cfg = compose(argv)
+    agreed = shared_run_dir(cfg.run_dir)
+    if agreed != cfg.run_dir:
+        cfg = compose([*argv, f"run_dir={agreed}"])
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}.")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from callbacks.metrics import PRDC_KEYS, note_density, packed_rows, random_cnn_prdc, unique_pitch
 from datamodules.pianoroll import PACKED_BYTES, PHRASE_STEPS, unpack_phrases
+from framework.devices import module_device
 from framework.seeding import sampling_generator
 from lightning_modules.prior import GeneratedLoops, generate_loops
 from lightning_modules.vqvae import threshold as binarise
@@ -64,13 +65,12 @@ class LatentSampler:
 
     @torch.no_grad()
     def sample_codes(self, n: int, generator: torch.Generator, batch_size: int | None = None) -> Tensor:
-        return torch.randn(n, self.hparams.seq_len, generator=generator, device=self.vae.device)
+        return torch.randn(n, self.hparams.seq_len, generator=generator, device=module_device(self.vae))
 
     @torch.no_grad()
     def decode(self, latents: Tensor, batch_size: int | None = None) -> Tensor:
-        parts = latents.split(batch_size or max(len(latents), 1))
-        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(self.vae.device), prior_statistics=True)))
-                          for part in parts])
+        parts, device = latents.split(batch_size or max(len(latents), 1)), module_device(self.vae)
+        return torch.cat([binarise(torch.sigmoid(self.vae.decode(part.to(device), prior_statistics=True))) for part in parts])
 
 
 class PhraseSampler:

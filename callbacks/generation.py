@@ -14,28 +14,36 @@ from callbacks.metrics import GenerativeMetrics, LoopScore, NoteDensity, UniqueP
 from datamodules.pianoroll import N_COLUMNS, PHRASE_STEPS, pack_phrases
 from datamodules.pianoroll.synth import DEFAULT_SR
 from framework.io import atomic_path
-from framework.seeding import sampling_generator
+from framework.seeding import seeded_generator
 from lightning_modules.loop_detector import LoopDetector
 
 
 class GenerationMetrics(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, generate phrases and log how they compare.
 
-    Protocol the LightningModule must follow: ``pl_module.sample(n, generator) -> Tensor``, bool
+    Any generator plugs in: the LightningModule offers ``sample(n, generator) -> Tensor``, bool
     ``(n, 128, 57)`` phrases drawn with ``generator`` (a ``torch.Generator`` on the module's
-    device); the datamodule must offer ``val_phrases() -> Tensor``, the bool validation phrases, or
-    ``val_packed() -> Tensor``, the same bit-packed (N, 912) uint8, which is preferred: the phrases
-    then stay packed until ``GenerativeMetrics`` draws its subsets.
+    device); the CNN-VAE decodes Gaussian latents, the LSTM prior decodes sampled code sequences
+    with its VQ-VAE. The datamodule offers ``val_phrases() -> Tensor``, the bool validation
+    phrases (the real side of P/R/D/C), or ``val_packed() -> Tensor``, the same bit-packed
+    (N, 912) uint8, which is preferred: the phrases then stay packed until ``GenerativeMetrics``
+    draws its subsets.
 
-    Each rank draws its share of ``n_samples`` with
-    ``sampling_generator(seed + epoch, global_rank, device)``, so ranks draw different samples and
-    a run is reproducible; each rank adds every ``world_size``-th validation phrase, with its
-    position as index, so no phrase is counted twice. Logged (identical on every rank):
+    The ``n_samples`` samples are drawn in chunks of ``batch_size``: chunk ``c`` of epoch ``e``
+    with a generator seeded by ``(seed, e, c)`` on the module's device, chunks dealt to the ranks
+    in turn (chunk ``c`` to rank ``c mod world_size``), every sample numbered by its position.
+    Each rank adds every ``world_size``-th validation phrase, numbered by its position. The
+    metrics keep one entry per number and sort by it, so the generated set, the real set and
+    every logged value are the same on one rank or many (for the same weights); a ``batch_size``
+    of at most ``n_samples / world_size`` keeps every rank sampling.
+
+    Logged on every rank, computed on the module's device in float32 and reduced across ranks
+    once per metric (by its ``compute``; nothing is reduced again when logging):
     ``val/gen/loop_score`` (only with a ``detector``), ``val/gen/unique_pitch``,
     ``val/gen/note_density``, ``val/gen/{precision,recall,density,coverage}`` with ``_std``, and
     ``val/gen/f1_pr``, ``val/gen/f1_dc`` (see :class:`callbacks.metrics.GenerativeMetrics`).
 
-    After the metrics, rank zero writes the first ``n_media`` of its samples to
+    After the metrics, rank zero writes the first ``n_media`` samples to
     ``<default_root_dir>/samples/epoch=NNN/`` (``pianoroll.png``, ``sample_NN.mid``,
     ``sample_NN.wav``) and sends them to any W&B logger. Disabled (``enabled=False``) or on a
     skipped epoch, the callback samples nothing.
@@ -44,7 +52,7 @@ class GenerationMetrics(pl.Callback):
         detector: path of a ``LoopDetector`` checkpoint, or a module with ``loop_score``; None
             leaves the loop score out.
         n_networks, max_samples, k, distinct_neighbours: see ``GenerativeMetrics``.
-        batch_size: phrases per ``sample`` call.
+        batch_size: phrases per ``sample`` call (one chunk).
     """
 
     def __init__(
@@ -70,7 +78,7 @@ class GenerationMetrics(pl.Callback):
             )
         self.every_n_epochs, self.n_samples, self.detector_source = every_n_epochs, n_samples, detector
         self.n_media, self.bpm, self.sample_rate, self.seed = n_media, bpm, sample_rate, seed
-        self.batch_size, self.enabled = batch_size, enabled
+        self.batch_size, self.enabled, self.k = batch_size, enabled, k
         self.generative = GenerativeMetrics(n_networks, max_samples, k, distinct_neighbours)
         self.per_phrase: dict[str, Metric] = {"unique_pitch": UniquePitch(), "note_density": NoteDensity()}
         self._real: tuple[Tensor, Tensor] | None = None
@@ -101,29 +109,38 @@ class GenerationMetrics(pl.Callback):
                 packed = pack_phrases(torch.as_tensor(datamodule.val_phrases()).bool())
             else:
                 raise AttributeError(f"GenerationMetrics needs {type(datamodule).__name__}.val_phrases()")
+            if len(packed) <= self.k:
+                raise ValueError(
+                    f"GenerationMetrics: the validation set holds {len(packed)} phrases; P/R/D/C with "
+                    f"k={self.k} needs more than {self.k} (hold out more data or lower callbacks.generation.k)"
+                )
             index = torch.arange(trainer.global_rank, len(packed), trainer.world_size)
             self._real = packed[index], index
         return self._real
 
     def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        """This rank's share of the samples and their global sample numbers."""
-        rank, world = trainer.global_rank, trainer.world_size
-        share, extra = divmod(self.n_samples, world)
-        n = share + (rank < extra)
-        first = rank * share + min(rank, extra)
-        generator = sampling_generator(self.seed + trainer.current_epoch, rank, pl_module.device)
-        parts = []
-        for start in range(0, n, self.batch_size):
-            phrases = pl_module.sample(min(self.batch_size, n - start), generator)
-            if phrases.ndim != 3 or tuple(phrases.shape[1:]) != (PHRASE_STEPS, N_COLUMNS):
+        """This rank's chunks of the samples and their sample numbers (see the class docstring)."""
+        rank, world, device = trainer.global_rank, trainer.world_size, pl_module.device
+        parts = [torch.zeros(0, PHRASE_STEPS, N_COLUMNS, dtype=torch.bool, device=device)]
+        numbers = [torch.zeros(0, dtype=torch.long, device=device)]
+        for chunk, start in enumerate(range(0, self.n_samples, self.batch_size)):
+            if chunk % world != rank:
+                continue
+            size = min(self.batch_size, self.n_samples - start)
+            generator = seeded_generator(self.seed, trainer.current_epoch, chunk, device=device)
+            phrases = pl_module.sample(size, generator)
+            if tuple(phrases.shape) != (size, PHRASE_STEPS, N_COLUMNS):
                 raise ValueError(
                     f"{type(pl_module).__name__}.sample returned shape {tuple(phrases.shape)}, "
-                    f"not (n, {PHRASE_STEPS}, {N_COLUMNS})"
+                    f"not ({size}, {PHRASE_STEPS}, {N_COLUMNS})"
                 )
             parts.append(phrases.bool())
-        empty = torch.zeros(0, PHRASE_STEPS, N_COLUMNS, dtype=torch.bool, device=pl_module.device)
-        fake = torch.cat(parts) if parts else empty
-        return fake, torch.arange(first, first + n, device=fake.device)
+            numbers.append(torch.arange(start, start + size, device=device))
+        return torch.cat(parts), torch.cat(numbers)
+
+    def metrics_on(self, device: torch.device) -> dict[str, Metric]:
+        """Every metric of the callback, moved to ``device`` (a detector inside the loop score too)."""
+        return {"generative": self.generative.to(device), **{name: m.to(device) for name, m in self.per_phrase.items()}}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):
@@ -131,15 +148,17 @@ class GenerationMetrics(pl.Callback):
         device = pl_module.device
         fake, fake_index = self._generate(trainer, pl_module)
         real, real_index = self._real_shard(trainer)
-        generative = self.generative.to(device)
+        metrics = self.metrics_on(device)
+        generative = metrics.pop("generative")
         generative.update(real=real.to(device), fake=fake, real_index=real_index.to(device), fake_index=fake_index)
         values = dict(generative.compute())
-        generative.reset()
-        for name, metric in self.per_phrase.items():
-            metric.to(device).update(fake, fake_index)
+        for name, metric in metrics.items():
+            metric.update(fake, fake_index)
             values[name] = metric.compute()
+        for metric in (generative, *metrics.values()):
             metric.reset()
-        pl_module.log_dict({f"val/gen/{name}": value.float() for name, value in values.items()}, sync_dist=True)
+        # compute() has gathered every rank's samples already: the values agree on all ranks.
+        pl_module.log_dict({f"val/gen/{name}": value.float() for name, value in values.items()}, sync_dist=False)
         if trainer.is_global_zero and self.n_media > 0:
             self._write_media(trainer, fake[: self.n_media].cpu())
 

@@ -4,6 +4,9 @@ Phrases are ``(N, 128, 57)`` bool or float tensors: 128 steps (8 bars of 16 step
 (9 drum classes, then 48 bass pitches). The functional forms compute one batch; the torchmetrics
 classes accumulate over batches and ranks.
 
+Every computation runs in float32 (autocast switched off), so the values do not depend on the
+training precision, and on the device of its inputs.
+
 Distributed use: every class accepts an optional per-sample ``index`` (int64, ``-1`` = no index).
 States are gathered across ranks with ``dist_reduce_fx="cat"``; ``compute()`` then keeps one entry
 per index value (the first after a stable sort by index), so the duplicates a ``DistributedSampler``
@@ -13,7 +16,6 @@ every seeded subsample drawn from it, the same for any number of ranks.
 """
 from __future__ import annotations
 
-import contextlib
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Iterator
@@ -28,6 +30,7 @@ from datamodules.correlation import c_midi
 from datamodules.pianoroll import (
     BARS_PER_PHRASE, N_COLUMNS, PACKED_BYTES, PHRASE_STEPS, STEPS_PER_BAR, pack_phrases, unpack_phrases,
 )
+from framework.devices import float32_math
 from lightning_modules.nets.conv_stacks import conv_block
 
 EMBEDDING_DIM = 128
@@ -38,10 +41,8 @@ DUPLICATE_TOLERANCE = 1e-5
 _DISTANCE_BLOCK_ELEMENTS = 1 << 23
 # Float32 neighbours kept per row beyond the k+1 nearest, so near ties at the radius stay in view.
 _NEIGHBOUR_SLACK = 8
-# Exact distances are gathered this many pairs at a time; a block where more than one pair in
-# _DENSE_CANDIDATE_FRACTION needs one is recomputed densely instead.
+# Exact distances are computed this many pairs at a time.
 _PAIR_CHUNK = 1 << 14
-_DENSE_CANDIDATE_FRACTION = 8
 # Columns per group whose minimum screens a row for its nearest neighbours (_smallest_per_row).
 _GROUP_WIDTH = 64
 
@@ -79,7 +80,10 @@ def f1_score(a: Tensor, b: Tensor) -> Tensor:
 # _PointSet). A float32 value ``e`` lies within a proven tolerance of the exact squared distance
 # ``d^2`` (_error_scale), so a comparison ``d^2 < b`` is already decided unless ``e`` is that close
 # to ``b``; only such near ties, usually the one neighbour that defines a radius, are recomputed
-# exactly in float64. Each of the three distance blocks is computed once.
+# exactly in float64, pair by pair. Float64 never enters a matrix product (slow on most GPUs).
+# Each of the three distance blocks is computed once, apart from the few rows whose nearest
+# neighbours cannot be told apart in float32 (many duplicates or near ties), which are computed
+# again whole, still in float32.
 
 
 @dataclass(frozen=True)
@@ -124,17 +128,6 @@ def _error_scale(dim: int) -> float:
     return 2 * (2 * (dim + 2) + 8) * 2.0**-24
 
 
-@contextlib.contextmanager
-def _full_precision_float32_matmul() -> Iterator[None]:
-    """Float32 matmuls in float32 (no TF32 or bfloat16 shortcuts), which the error bound assumes."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _row_chunks(n_rows: int, n_cols: int, chunk_size: int | None) -> Iterator[slice]:
     size = chunk_size or max(1, _DISTANCE_BLOCK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, size):
@@ -157,12 +150,6 @@ def _pair_squared_distances(x: Tensor, y: Tensor, i: Tensor, j: Tensor) -> Tenso
         part = slice(start, start + _PAIR_CHUNK)
         out[part] = (x[i[part]] - y[j[part]]).square_().sum(dim=1)
     return out
-
-
-def _dense_squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """All ``|x_i - y_j|^2`` in float64, for rows whose candidates are too many to take pairwise."""
-    squared = torch.addmm(y.square().sum(dim=1).unsqueeze(0), x, y.T, alpha=-2.0)
-    return squared.add_(x.square().sum(dim=1, keepdim=True)).clamp_min_(0)
 
 
 def _kth_neighbour(squared: Tensor, k: int, floor: float, distinct: bool) -> Tensor:
@@ -208,22 +195,48 @@ def _smallest_per_row(block: Tensor, count: int) -> tuple[Tensor, Tensor]:
 def _squared_radii(points: _PointSet, k: int, floor: float, distinct: bool, chunk_size: int | None) -> Tensor:
     """Squared distance of every point to its k-th nearest neighbour in its own set (:func:`_kth_neighbour`).
 
-    Each row keeps its ``kept = k + 1 + _NEIGHBOUR_SLACK`` nearest points by float32 distance and
-    the float32 estimate of the rank statistic. Points more than twice the tolerance below the
-    estimate are certainly nearer than the radius (and, unless possibly duplicates, keep their
-    float32 value, which lies below it too); points as far above are certainly farther (+inf);
-    only the rest get exact distances, usually the one neighbour that defines the radius. The
-    order statistic of the settled list is then exact, provided the list reaches past the
-    estimate; rows where it does not (near ties, many duplicates) are recomputed in full. Without
-    ``distinct``, a row whose list holds only upper bounds and already puts the radius at or
-    below ``floor`` needs no recomputation: the true radius is no larger and contains nothing too.
+    Each row keeps its ``k + 1 + _NEIGHBOUR_SLACK`` nearest points by float32 distance and is
+    settled from them (:func:`_settle_radii`). The rows this list cannot settle are computed again
+    against every point, in float32, and settled from the whole sorted row; a row with fewer than
+    k distinct neighbours in the set gets exact distances to every point.
     """
     n = len(points)
     kept = min(n, k + 1 + _NEIGHBOUR_SLACK)
     nearest = [_smallest_per_row(block, kept) for _, block in _approximate_blocks(points, points, chunk_size)]
-    values = torch.cat([block_values for block_values, _ in nearest]).double()
+    values = torch.cat([block_values for block_values, _ in nearest])
     neighbours = torch.cat([block_neighbours for _, block_neighbours in nearest])
-    tolerance = _error_scale(points.exact.shape[1]) * (points.squared_norms + points.squared_norms.max()).unsqueeze(1)
+    rows = torch.arange(n, device=values.device)
+    radii, settled = _settle_radii(points, rows, values, neighbours, k, floor, distinct)
+    for unsettled in rows[~settled].split(_DISTANCE_BLOCK_ELEMENTS // n + 1):
+        values, neighbours = torch.mm(points.left[unsettled], points.right.T).sort(dim=1)
+        radii[unsettled], settled = _settle_radii(points, unsettled, values, neighbours, k, floor, distinct)
+        for row in unsettled[~settled]:  # fewer than k distinct neighbours: the farthest point decides
+            squared = _pair_squared_distances(points.exact, points.exact, row.expand(n), rows)
+            radii[row] = _kth_neighbour(squared.unsqueeze(0), k, floor, distinct)[0]
+    return radii
+
+
+def _settle_radii(points: _PointSet, rows: Tensor, values: Tensor, neighbours: Tensor, k: int, floor: float,
+                  distinct: bool) -> tuple[Tensor, Tensor]:
+    """Exact squared radii of ``rows`` from their nearest points by float32 distance, and which rows
+    the list settles.
+
+    ``values`` (float32, ascending per row, the point itself included) and ``neighbours`` (their
+    indices) hold each row's ``kept`` nearest points; the float32 estimate of the rank statistic
+    comes from them. Points more than twice the tolerance below the estimate are certainly nearer
+    than the radius (and, unless possibly duplicates, keep their float32 value, which lies below
+    it too); points as far above are certainly farther (+inf); only the rest get exact distances,
+    usually the one neighbour that defines the radius. The order statistic of the settled list is
+    then exact, provided the list reaches past the estimate: a row whose list does not (near ties,
+    many duplicates) is not settled, unless the list is the whole row and still holds k distinct
+    neighbours. Without ``distinct``, a row whose list holds only upper bounds and already puts
+    the radius at or below ``floor`` is settled too: the true radius is no larger and contains
+    nothing either.
+    """
+    n, kept = len(points), values.shape[1]
+    values = values.double()
+    tolerance = _error_scale(points.exact.shape[1]) * (points.squared_norms[rows] + points.squared_norms.max())
+    tolerance = tolerance.unsqueeze(1)
     possible_duplicate = values <= floor + tolerance
     if distinct:  # the k-th distinct neighbour comes after every possible duplicate
         rank = possible_duplicate.sum(dim=1, keepdim=True) + (k - 1)
@@ -234,19 +247,16 @@ def _squared_radii(points: _PointSet, k: int, floor: float, distinct: bool, chun
     if distinct:
         below &= ~possible_duplicate
     above = values > estimate + 2 * tolerance
-    settled = values.masked_fill(above, float("inf"))
+    settled_values = values.masked_fill(above, float("inf"))
     unsure_row, unsure_col = (~(below | above)).nonzero(as_tuple=True)
-    settled[unsure_row, unsure_col] = _pair_squared_distances(
-        points.exact, points.exact, unsure_row, neighbours[unsure_row, unsure_col]
+    settled_values[unsure_row, unsure_col] = _pair_squared_distances(
+        points.exact, points.exact, rows[unsure_row], neighbours[unsure_row, unsure_col]
     )
-    radii = _kth_neighbour(settled, k, floor, distinct)
-    complete = (rank < kept - 1) & (above[:, -1:] | (kept == n))
+    radii = _kth_neighbour(settled_values, k, floor, distinct)
+    settled = (rank < kept - 1) & (above[:, -1:] | (kept == n))
     if not distinct:
-        complete |= (radii <= floor).unsqueeze(1) & ~below.any(dim=1, keepdim=True)
-    incomplete = (~complete.squeeze(1)).nonzero().squeeze(1)
-    for rows in incomplete.split(_DISTANCE_BLOCK_ELEMENTS // (2 * n) + 1):  # float64: as many bytes as a block
-        radii[rows] = _kth_neighbour(_dense_squared_distances(points.exact[rows], points.exact), k, floor, distinct)
-    return radii
+        settled |= (radii <= floor).unsqueeze(1) & ~below.any(dim=1, keepdim=True)
+    return radii, settled.squeeze(1)
 
 
 def _within(squared: Tensor, tolerance: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,10 +291,7 @@ def _ball_memberships(
         in_real_ball, unsure_real = _within(squared, tolerance, real_bound[i])
         in_fake_ball, unsure_fake = _within(squared, tolerance, fake_bound[j])
         unsure = (unsure_real | unsure_fake).nonzero().squeeze(1)
-        if len(unsure) * _DENSE_CANDIDATE_FRACTION > candidates.numel():
-            exact = _dense_squared_distances(real.exact[rows], fake.exact)[block_i[unsure], j[unsure]]
-        else:
-            exact = _pair_squared_distances(real.exact, fake.exact, i[unsure], j[unsure])
+        exact = _pair_squared_distances(real.exact, fake.exact, i[unsure], j[unsure])
         in_real_ball[unsure] = exact < real_bound[i[unsure]]
         in_fake_ball[unsure] = exact < fake_bound[j[unsure]]
         balls_per_fake += torch.bincount(j[in_real_ball], minlength=len(fake))
@@ -303,7 +310,7 @@ def _strict_bound(squared_radii: Tensor, floor: float) -> Tensor:
     """
     radius = squared_radii.to(torch.float32).sqrt()
     candidate = radius.double().square().to(torch.float32)
-    below, above = torch.tensor(-float("inf")), torch.tensor(float("inf"))
+    below, above = torch.full_like(candidate, -float("inf")), torch.full_like(candidate, float("inf"))
     for _ in range(2):
         previous = torch.nextafter(candidate, below)
         candidate = torch.where(previous.sqrt() >= radius, previous, candidate)
@@ -350,7 +357,7 @@ def prdc(
     real, fake = _PointSet.centred(real, centre), _PointSet.centred(fake, centre)
     floor = DUPLICATE_TOLERANCE**2 * max(real.squared_norms.max().item(), fake.squared_norms.max().item())
 
-    with _full_precision_float32_matmul():
+    with float32_math():  # the error bound assumes true float32 products
         real_bound = _strict_bound(_squared_radii(real, k, floor, distinct_neighbours, chunk_size), floor)
         fake_bound = _strict_bound(_squared_radii(fake, k, floor, distinct_neighbours, chunk_size), floor)
         balls_per_fake, covered, recalled = _ball_memberships(real, fake, real_bound, fake_bound, chunk_size)
@@ -381,7 +388,8 @@ class PhraseEmbedding(nn.Module):
 
     def forward(self, phrases: Tensor) -> Tensor:
         _check_phrases(phrases)
-        return self.head(self.blocks(phrases.float().transpose(1, 2)))
+        with float32_math():
+            return self.head(self.blocks(phrases.float().transpose(1, 2)))
 
 
 def random_cnn_embedding(seed: int) -> PhraseEmbedding:
@@ -453,7 +461,8 @@ class _PerPhraseMean(Metric):
         """Per-phrase values ``(N,)``."""
 
     def update(self, phrases: Tensor, index: Tensor | None = None) -> None:
-        scores = self.score(phrases).float()
+        with float32_math():
+            scores = self.score(phrases).float()
         self.scores.append(scores)
         self.index.append(_as_index(index, len(scores), scores.device))
 

@@ -13,8 +13,9 @@ How many bars a file holds, and so where its bar lines fall:
 Loops shorter than 8 bars are tiled to 8 (see :func:`datamodules.correlation.c_wav`).
 
 Files that cannot be used are skipped, and each skip is counted under its reason: ``unreadable``,
-``empty``, ``silent``, ``too short`` (a bar of fewer than 256 samples), ``invalid metadata``, and
-``missing`` (listed in the metadata but absent). The reasons are logged and stored in the cache.
+``empty``, ``non-finite`` (NaN or infinite samples), ``silent``, ``too short`` (a bar of fewer
+than 256 samples), ``invalid metadata``, and ``missing`` (listed in the metadata but absent). The
+reasons are logged and stored in the cache.
 
 The vectors are computed once and cached in an ``.npz`` file (default: ``<folder>.c_wav.npz``
 beside the folder, so a read-only loop library can be used) together with the file names, the skip
@@ -40,13 +41,14 @@ from tqdm import tqdm
 
 from datamodules.correlation import N_BARS, c_wav
 from datamodules.demo import ensure_demo_input
+from datamodules.sharding import UnpaddedShardSampler
 from framework.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".ogg", ".flac")
 METADATA_NAME = "metadata.csv"
-CACHE_VERSION = "c_wav-1"  # change when the C_WAV computation changes, to invalidate old caches
+CACHE_VERSION = "c_wav-2"  # change when the C_WAV computation changes, to invalidate old caches
 BPM_IN_NAME = re.compile(r"(\d{2,3}(?:\.\d+)?)\s*bpm", re.IGNORECASE)
 
 
@@ -110,9 +112,11 @@ def loop_vector(path: Path, bpm: float | None, bars: int | None) -> np.ndarray:
         audio, sr = sf.read(path, dtype="float64", always_2d=True)
     except (RuntimeError, OSError) as error:
         raise SkipLoop("unreadable", str(error)) from error
-    audio = audio.mean(axis=1)
     if len(audio) == 0:
         raise SkipLoop("empty")
+    if not np.isfinite(audio).all():
+        raise SkipLoop("non-finite", f"{int(np.count_nonzero(~np.isfinite(audio)))} NaN or infinite samples")
+    audio = audio.mean(axis=1)
     if not np.any(audio):
         raise SkipLoop("silent")
     if bars is None:
@@ -274,7 +278,10 @@ class AudioLoopDataModule(pl.LightningDataModule):
         return DataLoader(self.train_vectors(), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_vectors(), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        """Held-out loops sharded across ranks without padding, so no loop is counted twice."""
+        vectors = self.val_vectors()
+        return DataLoader(vectors, batch_size=self.batch_size, sampler=UnpaddedShardSampler(vectors),
+                          num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out loops again: a loop library is too small to spare a third split."""

@@ -169,7 +169,8 @@ class CodeDataModule(pl.LightningDataModule):
     row indices of each split.
 
     ``num_codes`` and ``vqvae_ckpt`` come from meta.json; ``first_index_distribution`` is the
-    empirical distribution of the first index over the training split (the prior's z_0).
+    empirical distribution of the first index over the training split (the prior's z_0);
+    ``val_packed()`` serves the validation split, bit-packed, as the real phrases of the generation metrics.
     """
 
     def __init__(self, codes: str, batch_size: int = 2048, val_fraction: float = 0.05, seed: int = 0, num_workers: int = 0):
@@ -218,6 +219,20 @@ class CodeDataModule(pl.LightningDataModule):
         codes, _ = load_codes(self.codes_dir)
         self.splits = self._song_split(len(codes))
         self.train_codes, self.val_codes = (codes[torch.from_numpy(self.splits[name])] for name in ("train", "val"))
+
+    def val_packed(self) -> Tensor:
+        """The phrases the validation sequences were encoded from, bit-packed (N_val, 912) uint8: the
+        real side of the generation metrics, read from the phrase cache that meta.json records."""
+        self.setup()
+        source = self.meta["phrases"]
+        try:
+            packed = load_phrase_cache(source).packed
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.codes_dir / META_FILE} names the phrase cache {source}: {err}") from err
+        if len(packed) != self.meta["num_phrases"]:
+            raise ValueError(f"phrase cache {source} holds {len(packed)} phrases, the code cache "
+                             f"{self.meta['num_phrases']}: it changed after encoding.")
+        return torch.from_numpy(np.asarray(packed[self.splits["val"]]))
 
     @cached_property
     def first_index_distribution(self) -> Tensor:

@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from framework.config import ConfigError, to_container
+from framework.seeding import RankSeeding
 
 
 def instantiate(spec: Mapping[str, Any] | DictConfig, what: str) -> Any:
@@ -67,7 +68,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
     """Checkpointing (``last.ckpt`` always; the best by ``checkpoint.monitor`` when set), the
-    config-in-checkpoint hook, a learning-rate monitor, then the experiment's own callbacks."""
+    config-in-checkpoint hook, per-rank training noise, a learning-rate monitor, then the
+    experiment's own callbacks."""
     monitor = cfg.checkpoint.monitor
     callbacks: list[Callback] = [
         ModelCheckpoint(
@@ -81,6 +83,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
             every_n_epochs=cfg.checkpoint.every_n_epochs,
         ),
         ConfigInCheckpoint(cfg),
+        RankSeeding(cfg.seed),
     ]
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -91,8 +94,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    logger = build_logger(cfg, run_dir)
     kwargs = {k: v for k, v in to_container(cfg.trainer).items() if v is not None}
+    if kwargs.get("sync_batchnorm") and kwargs.get("accelerator") == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs: SyncBatchNorm has no CPU implementation.")
+    logger = build_logger(cfg, run_dir)
     return pl.Trainer(
         default_root_dir=str(run_dir),
         logger=logger,

@@ -23,8 +23,9 @@ from torch.func import functional_call
 from torch.nn import functional as F
 from torchmetrics.classification import BinaryHammingDistance
 
+from framework.devices import module_device
 from lightning_modules.nets.conv_stacks import EncoderTrunk, UpsamplingDecoder
-from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cosine, threshold
+from lightning_modules.vqvae import PHRASE_COLUMNS, PHRASE_STEPS, adamw_with_cosine, hamming_error, threshold
 
 # Smallest standard deviation: keeps log(sigma) in the KL finite when softplus underflows.
 MIN_SIGMA = 1e-5
@@ -62,8 +63,8 @@ class CNNVAE(pl.LightningModule):
         self.to_posterior = nn.Linear(flat, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, flat)
         self.decoder = UpsamplingDecoder(channels, PHRASE_COLUMNS)
-        self.val_hamming = BinaryHammingDistance()
-        self.test_hamming = BinaryHammingDistance()
+        self.val_hamming = hamming_error()
+        self.test_hamming = hamming_error()
         self._prior_statistics: tuple[tuple, dict[str, Tensor]] | None = None
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,20 +110,23 @@ class CNNVAE(pl.LightningModule):
         features = self.from_latent(z).view(len(z), self.hparams.channels, self.code_steps)
         measured: dict[str, Tensor] = {}
 
-        def record(name: str):
-            def hook(module: nn.Module, inputs: tuple[Tensor]) -> None:
-                measured[f"{name}.running_mean"] = inputs[0].mean(dim=(0, 2))
+        def normalise_by_batch(name: str):
+            def hook(module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> Tensor:
+                x = inputs[0]
+                measured[f"{name}.running_mean"] = x.mean(dim=(0, 2))
                 # biased, as BatchNorm normalises a batch: eval mode then reproduces the calibration pass
-                measured[f"{name}.running_var"] = inputs[0].var(dim=(0, 2), correction=0)
+                measured[f"{name}.running_var"] = x.var(dim=(0, 2), correction=0)
+                return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
             return hook
 
-        norms = [(name, m) for name, m in self.decoder.named_modules() if isinstance(m, nn.BatchNorm1d)]
-        handles = [module.register_forward_pre_hook(record(name)) for name, module in norms]
-        # Copies of the buffers take the running-statistics updates of this train-mode pass.
-        buffers = {name: buffer.clone() for name, buffer in self.decoder.named_buffers()}
+        # Eval mode, each layer's output replaced by its input normalised with batch statistics: no
+        # running statistics change, and a SyncBatchNorm (trainer.sync_batchnorm=true) never waits
+        # for the other ranks, which need not be sampling at the same time.
+        norms = [(name, m) for name, m in self.decoder.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm))]
+        handles = [module.register_forward_hook(normalise_by_batch(name)) for name, module in norms]
         was_training = self.decoder.training
         try:
-            functional_call(self.decoder.train(), buffers, (features,))
+            self.decoder.eval()(features)
         finally:
             self.decoder.train(was_training)
             for handle in handles:
@@ -139,7 +143,7 @@ class CNNVAE(pl.LightningModule):
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` phrases, bool (n, 128, 57), decoded from z ~ N(0, I) drawn with ``generator``
         (which must live on the module's device)."""
-        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=self.from_latent.weight.device)
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=module_device(self))
         return threshold(torch.sigmoid(self.decode(z, prior_statistics=True)))
 
     @torch.no_grad()

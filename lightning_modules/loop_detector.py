@@ -13,24 +13,34 @@ distance of its latent point to ``c`` (lower = more loop-like); the decision thr
 ``exp(mean + threshold_sigmas * std)`` of the log training scores, refreshed after the training
 batches of every SVDD epoch so the checkpoint written at that epoch carries the threshold of its
 own weights.
+
+Scoring runs in float32 on the device of the weights (read from the weights, so a detector moved
+inside another module scores where it lives), whatever the autocast context. Validation and test
+metrics are per-vector means accumulated over the epoch and reduced across ranks once at its end,
+so unevenly sharded held-out sets are counted exactly.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR
+from torchmetrics import MeanMetric
 
 from datamodules.correlation import c_midi, c_midi_packed
+from framework.devices import float32_math, module_device
 from lightning_modules.nets.svdd import SVDDDecoder, SVDDEncoder
 
 SIMILARITIES = ("hamming", "iou")
+# Per-vector values averaged over a held-out set: reconstruction error, distance to the centre,
+# loop score, and whether the score falls below the threshold.
+HELD_OUT_METRICS = ("ae_loss", "svdd_loss", "score", "loop_rate")
 
 
 class LoopDetector(pl.LightningModule):
@@ -77,6 +87,11 @@ class LoopDetector(pl.LightningModule):
         self.register_buffer("center", torch.zeros(self.encoder[-1].out_features))
         self.register_buffer("score_threshold", torch.tensor(float("nan")))
         self.training_scores: torch.Tensor | None = None
+        self.held_out = nn.ModuleDict({
+            stage: nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in HELD_OUT_METRICS})
+            for stage in ("val", "test")
+        })
+        self._held_out_metrics: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------------- scoring
     @property
@@ -88,12 +103,14 @@ class LoopDetector(pl.LightningModule):
     def loop_score(self, correlations: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Mean over latent dimensions of ``(f(x) - c)^2`` for a ``(N, 28)`` batch.
 
-        The batch may live on any device; it is scored on the detector's device and the ``(N,)``
-        scores are returned on the batch's device (float32).
+        The batch may live on any device; it is scored in float32 where the detector's weights
+        are, and the ``(N,)`` scores are returned on the batch's device.
         """
         correlations = torch.as_tensor(correlations)
-        latent = self.encoder(correlations.to(self.device, torch.float32))
-        return ((latent - self.center) ** 2).mean(dim=1).to(correlations.device)
+        with float32_math():
+            latent = self.encoder(correlations.to(module_device(self), torch.float32))
+            scores = ((latent - self.center) ** 2).mean(dim=1)
+        return scores.to(correlations.device)
 
     @torch.no_grad()
     def score_phrases(self, phrases: torch.Tensor, similarity: str | None = None) -> torch.Tensor:
@@ -161,7 +178,7 @@ class LoopDetector(pl.LightningModule):
             raise ValueError("Cannot fix the SVDD centre: the training set is empty.")
         total = torch.zeros_like(self.center)
         for chunk in torch.split(vectors, self.hparams.score_batch_size):
-            total += self.encoder(chunk.to(self.device)).sum(dim=0)
+            total += self.encoder(chunk.to(self.center.device)).sum(dim=0)
         center = total / len(vectors)
         eps = self.hparams.center_eps
         near_zero = center.abs() < eps
@@ -199,12 +216,6 @@ class LoopDetector(pl.LightningModule):
             self.fit_threshold(self._train_vectors())
             self.log("train/threshold", self.score_threshold, sync_dist=False)
 
-    def on_validation_epoch_start(self) -> None:
-        # Validation (and the checkpoint written at its end) runs before on_train_epoch_end.
-        fitting = self.trainer.state.fn == TrainerFn.FITTING
-        if fitting and not self.trainer.sanity_checking and not self.in_pretraining:
-            self.fit_threshold(self._train_vectors())
-
     @torch.no_grad()
     def fit_threshold(self, vectors: torch.Tensor) -> float:
         """Set the threshold to ``exp(mean + threshold_sigmas * std)`` of the log scores of ``vectors``.
@@ -216,23 +227,59 @@ class LoopDetector(pl.LightningModule):
         scores = self.score_all(vectors)
         log_scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
         threshold = torch.exp(log_scores.mean() + self.hparams.threshold_sigmas * log_scores.std(correction=0))
-        self.score_threshold.fill_(float(threshold))
+        self.score_threshold.copy_(threshold)
         self.training_scores = scores.cpu()
         return self.threshold
 
+    # ------------------------------------------------------------------------ validation, test
+    def _start_held_out(self, svdd: bool) -> None:
+        """Choose the epoch's metrics once, from host-side state the same on every rank (one
+        device read of the threshold per epoch rather than one per batch)."""
+        names = ["ae_loss"]
+        if svdd:
+            names += ["svdd_loss", "score"] + ([] if math.isnan(self.threshold) else ["loop_rate"])
+        self._held_out_metrics = tuple(names)
+
+    def on_validation_epoch_start(self) -> None:
+        # Validation (and the checkpoint written at its end) runs before on_train_epoch_end.
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and not self.trainer.sanity_checking and not self.in_pretraining:
+            self.fit_threshold(self._train_vectors())
+        self._start_held_out(svdd=not self.in_pretraining)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_held_out(svdd=True)
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._log_held_out("val", batch, svdd=not self.in_pretraining)
+        self._update_held_out("val", batch)
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self._log_held_out("test", batch, svdd=True)
+        self._update_held_out("test", batch)
 
-    def _log_held_out(self, stage: str, vectors: torch.Tensor, svdd: bool) -> None:
-        """Phase losses, and in the SVDD phase the mean score and the fraction scored as loops."""
-        values: dict[str, Any] = self._losses(vectors, svdd)
-        if svdd:
-            scores = self.loop_score(vectors)
-            values["score"] = scores.mean()
-            if not math.isnan(self.threshold):
-                values["loop_rate"] = (scores < self.score_threshold).float().mean()
+    def on_validation_epoch_end(self) -> None:
+        self._log_held_out("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_held_out("test")
+
+    @torch.no_grad()
+    def _update_held_out(self, stage: str, vectors: torch.Tensor) -> None:
+        """Per-vector reconstruction error, and in the SVDD phase distance, score and loop flag,
+        in float32 whatever the autocast context."""
+        vectors = vectors.float()
+        with float32_math():
+            latent = self.encoder(vectors)
+            values = {"ae_loss": (self.decoder(latent) - vectors).square().mean(dim=1)}
+            if "svdd_loss" in self._held_out_metrics:
+                squared = (latent - self.center).square()
+                values["svdd_loss"], values["score"] = squared.sum(dim=1), squared.mean(dim=1)
+        if "loop_rate" in self._held_out_metrics:
+            values["loop_rate"] = (values["score"] < self.score_threshold).float()
         for name, value in values.items():
-            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
+            self.held_out[stage][name].update(value)
+
+    def _log_held_out(self, stage: str) -> None:
+        """Log the epoch's means from every rank, even one whose shard of the held-out set was
+        empty: Lightning computes each metric (one reduction across ranks) and resets it."""
+        for name in self._held_out_metrics:
+            self.log(f"{stage}/{name}", self.held_out[stage][name])

@@ -87,6 +87,8 @@ class MuseGAN(pl.LightningModule):
         self.critics = nn.ModuleDict(
             {track: TrackCritic(columns.stop - columns.start, critic_width) for track, columns in TRACKS.items()})
         self.register_buffer("critic_updates", torch.zeros((), dtype=torch.long))
+        # The counter mirrored on the host, so that a training step never waits to read it back.
+        self._host_critic_updates: int | None = None
         self._noise: torch.Generator | None = None
 
     # ---------------------------------------------------------------------------------- generation
@@ -136,6 +138,9 @@ class MuseGAN(pl.LightningModule):
         return [torch.optim.Adam(self.generators.parameters(), lr=hp.lr, betas=tuple(hp.betas)),
                 torch.optim.Adam(self.critics.parameters(), lr=hp.lr, betas=tuple(hp.betas))]
 
+    def on_train_start(self) -> None:
+        self._host_critic_updates = int(self.critic_updates)  # once per fit (a resumed run's count)
+
     def on_train_epoch_start(self) -> None:
         world = self.trainer.world_size
         self._noise = sampling_generator(self.hparams.seed + self.current_epoch * world, self.global_rank, self._tensor_device)
@@ -165,7 +170,8 @@ class MuseGAN(pl.LightningModule):
         self.manual_backward(critic_total + 0.0 * anchor)
         critic_optimizer.step()
         self.critic_updates += 1
-        if int(self.critic_updates) % self.hparams.critic_steps == 0:
+        self._host_critic_updates += 1
+        if self._host_critic_updates % self.hparams.critic_steps == 0:
             fake = self(self.latents(len(real), self._noise))
             for track, columns in TRACKS.items():
                 values[f"generator_loss/{track}"] = -self.critics[track](fake[..., columns]).mean()

@@ -59,8 +59,9 @@ class MusicTransformer(pl.LightningModule):
         # Distinct first steps of the training phrases (0/1 bytes) and how often each occurs; resized on load.
         self.register_buffer("first_steps", torch.zeros(0, PHRASE_COLUMNS, dtype=torch.uint8))
         self.register_buffer("first_step_counts", torch.zeros(0))
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        # No NaN scan per update: it reads the value back to the host at every validation step.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.test_loss = MeanMetric(nan_strategy="disable")
 
     # ----------------------------------------------------------------------------------- network
     def forward(self, x: Tensor) -> Tensor:

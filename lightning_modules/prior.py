@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from tqdm import tqdm
 
 from datamodules.pianoroll import PACKED_BYTES, pack_phrases, unpack_phrases
+from framework.devices import module_device
 from lightning_modules.sampling import SAMPLING_MODES, SamplingSettings, filter_logits, invert_cdf, sample_from_logits
 from lightning_modules.vqvae import VQVAE, adamw_with_cosine, threshold
 
@@ -30,11 +31,15 @@ ONEDNN_MIN_BATCH = 32
 
 
 def _cpu_lstm_kernel_for(batch: int):
-    """Context choosing the CPU LSTM kernel for one-position steps of ``batch`` sequences."""
+    """Context choosing the CPU LSTM kernel for ``batch`` sequences.
+
+    Under CPU autocast (``bf16-mixed``) ATen's kernel runs, in float32: oneDNN has no bfloat16 LSTM
+    on CPUs without bfloat16 instructions (most x86 ones) and fails to build one there.
+    """
     backend = torch.backends.mkldnn
     return backend.flags(
-        enabled=backend.enabled and batch >= ONEDNN_MIN_BATCH, deterministic=backend.deterministic,
-        allow_tf32=None, fp32_precision=None,
+        enabled=backend.enabled and batch >= ONEDNN_MIN_BATCH and not torch.is_autocast_enabled("cpu"),
+        deterministic=backend.deterministic, allow_tf32=None, fp32_precision=None,
     )
 
 
@@ -76,8 +81,9 @@ class LSTMPrior(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["first_index_distribution"])
         SamplingSettings.from_mode(sample_mode, sample_temperature, sample_top_k, sample_top_p)
-        self.val_loss = MeanMetric()
-        self.val_acc = MeanMetric()
+        # No NaN check: it would read every batch's values back to the host.
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_acc = MeanMetric(nan_strategy="disable")
         self._vqvae: nn.Module | None = None
         if num_codes is not None:
             self._build(num_codes)
@@ -95,7 +101,8 @@ class LSTMPrior(pl.LightningModule):
     # ----------------------------------------------------------------------------------- network
     def forward(self, codes: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Next-index logits (B, L, K) for codes (B, L), and the LSTM state after the last position."""
-        output, state = self.lstm(self.embedding(codes), state)
+        with _cpu_lstm_kernel_for(codes.shape[0]):
+            output, state = self.lstm(self.embedding(codes), state)
         return self.head(output), state
 
     # ---------------------------------------------------------------------------------- training
@@ -167,8 +174,8 @@ class LSTMPrior(pl.LightningModule):
         if self._vqvae is None:
             if self.hparams.vqvae_ckpt is None:
                 raise ValueError("LSTMPrior.hparams.vqvae_ckpt is not set: no VQ-VAE to decode the sampled codes")
-            self.attach_vqvae(VQVAE.load_from_checkpoint(self.hparams.vqvae_ckpt, map_location=self.device))
-        return self._vqvae.to(self.device)
+            self.attach_vqvae(VQVAE.load_from_checkpoint(self.hparams.vqvae_ckpt, map_location=module_device(self)))
+        return self._vqvae.to(module_device(self))
 
     # ---------------------------------------------------------------------------------- sampling
     def sampling_settings(
@@ -195,15 +202,15 @@ class LSTMPrior(pl.LightningModule):
                 "LSTMPrior has no first-index distribution: pass first_index_distribution= or train it "
                 "with a DataModule that provides one"
             )
-        uniforms = uniforms.to(self.device)
+        device = module_device(self)
+        uniforms = uniforms.to(device)
         batch = uniforms.shape[0]
-        codes = torch.empty(batch, self.hparams.seq_len, dtype=torch.long, device=self.device)
+        codes = torch.empty(batch, self.hparams.seq_len, dtype=torch.long, device=device)
         codes[:, 0] = invert_cdf(self.first_index_distribution.expand(batch, -1), uniforms[:, 0])
         state = None
-        with _cpu_lstm_kernel_for(batch):
-            for position in range(1, self.hparams.seq_len):
-                logits, state = self(codes[:, position - 1 : position], state)
-                codes[:, position] = sample_from_logits(logits[:, 0], uniforms[:, position], settings)
+        for position in range(1, self.hparams.seq_len):
+            logits, state = self(codes[:, position - 1 : position], state)
+            codes[:, position] = sample_from_logits(logits[:, 0], uniforms[:, position], settings)
         return codes
 
     def sample_codes(
@@ -235,7 +242,8 @@ class LSTMPrior(pl.LightningModule):
         """Binary phrases (N, 128, 57) from code sequences (N, S): VQ-VAE probabilities >= 0.5."""
         vqvae = self.vqvae
         batch_size = batch_size or self.hparams.sample_batch_size
-        return torch.cat([threshold(vqvae.decode_indices(chunk.to(self.device))) for chunk in codes.split(batch_size)])
+        device = module_device(self)
+        return torch.cat([threshold(vqvae.decode_indices(chunk.to(device))) for chunk in codes.split(batch_size)])
 
     def sample(
         self,

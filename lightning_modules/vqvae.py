@@ -36,6 +36,16 @@ def threshold(probabilities: Tensor) -> Tensor:
     return probabilities >= 0.5
 
 
+def hamming_error() -> BinaryHammingDistance:
+    """Fraction of cells where a thresholded reconstruction differs from its phrase.
+
+    Built without torchmetrics' input validation: it would scan every cell of every batch (about
+    15 million at the paper's batch size) and wait for the answer on the host at each step. The
+    inputs are 0/1 by construction.
+    """
+    return BinaryHammingDistance(validate_args=False)
+
+
 class VQVAE(pl.LightningModule):
     """Phrase autoencoder with a discrete bottleneck of ``code_steps`` = 32 indices into ``num_codes`` entries.
 
@@ -65,9 +75,10 @@ class VQVAE(pl.LightningModule):
         )
         self.codebook = EMACodebook(num_codes, code_dim, decay, eps, restart_threshold, seed=restart_seed)
         self.decoder = nn.Sequential(conv_block(code_dim, channels), UpsamplingDecoder(channels, PHRASE_COLUMNS))
-        self.val_hamming = BinaryHammingDistance()
-        self.test_hamming = BinaryHammingDistance()
-        self.epoch_restarts = torch.zeros((), dtype=torch.long)  # codebook restarts in the current training epoch
+        self.val_hamming = hamming_error()
+        self.test_hamming = hamming_error()
+        # codebook restarts in the current training epoch, summed on the device
+        self.register_buffer("epoch_restarts", torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def num_codes(self) -> int:
@@ -117,16 +128,15 @@ class VQVAE(pl.LightningModule):
         size = batch.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
         self.log("train/commitment", quantized.commitment, on_step=True, on_epoch=True, sync_dist=True, batch_size=size)
-        # Codebook statistics are summed over ranks already, so they are the same on every rank.
-        self.log("train/codebook/perplexity", quantized.perplexity, on_step=True, on_epoch=True, sync_dist=True,
-                 batch_size=size)
-        self.log("train/codebook/used", quantized.used.float(), on_step=True, on_epoch=True, sync_dist=True,
-                 batch_size=size)
+        # Codebook statistics are summed over ranks already, so they are the same on every rank
+        # and need no reduction of their own.
+        self.log("train/codebook/perplexity", quantized.perplexity, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/codebook/used", quantized.used.float(), on_step=True, on_epoch=True, batch_size=size)
         self.epoch_restarts += quantized.restarts
         return loss
 
     def on_train_epoch_start(self) -> None:
-        self.epoch_restarts = torch.zeros((), dtype=torch.long, device=self.device)
+        self.epoch_restarts.zero_()
 
     def on_train_epoch_end(self) -> None:
         self.log("train/codebook/restarts", self.epoch_restarts.float(), sync_dist=True)  # a total, equal on all ranks

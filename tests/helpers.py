@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = {
     "loop_detector": ["model.pretrain_epochs=1", "model.svdd_epochs=1"],
     "vqvae": ["trainer.max_epochs=1", "datamodule.batch_size=64"],
-    "cnn_vae": ["trainer.max_epochs=1", "datamodule.batch_size=64", "callbacks.generation.n_samples=32",
-                "callbacks.generation.n_networks=2"],
-    "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1"],
+    "cnn_vae": ["trainer.max_epochs=1", "datamodule.batch_size=64", "callbacks.generation.every_n_epochs=1",
+                "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
+    "prior": ["trainer.max_epochs=1", "datamodule.batch_size=64", "model.hidden=64", "model.layers=1",
+              "callbacks.generation.every_n_epochs=1", "callbacks.generation.n_samples=32",
+              "callbacks.generation.n_networks=2"],
     "music_transformer": ["trainer.max_epochs=1", "model.hidden=32", "model.layers=1", "model.feed_forward=64",
                           "callbacks.generation.n_samples=32", "callbacks.generation.n_networks=2"],
     "musegan": ["trainer.max_epochs=1", "model.generator_width=32", "model.critic_width=16",
@@ -48,8 +51,18 @@ def run_train(args: Sequence[str]):
     return train.run(list(args))
 
 
-def run_train_subprocess(args: Sequence[str], devices: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` as ``devices`` CPU processes with the ``ddp`` strategy (gloo).
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _failure(command: Sequence[str], result: subprocess.CompletedProcess) -> str:
+    return f"{' '.join(command)} exited with {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+
+
+def run_train_subprocess(args: Sequence[str], devices: int = 2, timeout: float = 600,
+                         accelerator: str = "cpu") -> subprocess.CompletedProcess:
+    """Run ``train.py`` as ``devices`` processes with the ``ddp`` strategy (gloo on CPUs).
 
     Lightning's plain ``ddp`` relaunches the script for every extra rank, so the job has to start
     as a subprocess of the test rather than inside it. Raises AssertionError with the end of the
@@ -57,16 +70,47 @@ def run_train_subprocess(args: Sequence[str], devices: int = 2, timeout: float =
     """
     command = [
         sys.executable, str(REPO / "train.py"), *args,
-        "trainer.accelerator=cpu", f"trainer.devices={devices}", "trainer.strategy=ddp",
+        f"trainer.accelerator={accelerator}", f"trainer.devices={devices}", "trainer.strategy=ddp",
         "trainer.enable_progress_bar=false",
     ]
-    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-6000:]
-        raise AssertionError(f"{' '.join(command)} exited with {result.returncode}:\n{tail}")
+        raise AssertionError(_failure(command, result))
     return result
+
+
+def run_torchrun(args: Sequence[str], nproc: int = 2, timeout: float = 600,
+                 accelerator: str = "cpu") -> subprocess.CompletedProcess:
+    """Run ``train.py`` under ``torchrun --standalone`` as ``nproc`` processes (gloo on CPUs); the
+    result is returned whatever the exit code."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(REPO / "train.py"), *args, f"trainer.accelerator={accelerator}", f"trainer.devices={nproc}",
+        "trainer.strategy=ddp", "trainer.enable_progress_bar=false",
+    ]
+    return subprocess.run(command, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def assert_succeeded(result: subprocess.CompletedProcess) -> None:
+    if result.returncode != 0:
+        raise AssertionError(_failure(result.args, result))
+
+
+class RecordNoise(pl.Callback):
+    """Saves, per rank, the first values the global RNG gives in training (``noise-rank<R>.pt``)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            torch.save(torch.rand(8), Path(trainer.default_root_dir) / f"noise-rank{trainer.global_rank}.pt")
+
+
+class KillRank(pl.Callback):
+    """Kills its own process (SIGKILL, as the out-of-memory killer would) on rank 1 at the second
+    training batch, while the other ranks carry on into the next gradient all-reduce."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ParametersAgreeAcrossRanks(pl.Callback):

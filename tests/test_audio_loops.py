@@ -137,3 +137,39 @@ def test_missing_demo_loops_are_created(tmp_path, monkeypatch):
     module.prepare_data()
     module.setup("fit")
     assert len(module.train_vectors()) + len(module.val_vectors()) == 3
+
+
+def test_non_finite_loops_are_skipped_and_the_detector_trains_on_the_rest(tmp_path):
+    """NaN and infinite samples are counted under their own reason; a finite loop, however loud,
+    gives a finite vector; a detector trained on the folder reports finite test metrics."""
+    from tests.helpers import run_train
+
+    folder = tmp_path / "loops"
+    folder.mkdir()
+    for index in range(6):
+        sf.write(folder / f"loop_{index}.wav", loop_audio(2, 120, index), SR)
+    poisoned = loop_audio(2, 120, 6)
+    poisoned[100:200] = np.nan
+    sf.write(folder / "nan.wav", poisoned, SR, subtype="FLOAT")
+    sf.write(folder / "inf.wav", np.where(np.arange(len(poisoned)) == 7, np.inf, loop_audio(2, 120, 7)), SR,
+             subtype="FLOAT")
+    sf.write(folder / "loud.wav", loop_audio(2, 120, 8).astype(np.float64) * 1e300, SR, subtype="DOUBLE")
+
+    data = load_or_compute(folder, tmp_path / "cache.npz")
+    assert data.skip_counts() == {"non-finite": 2}
+    assert sorted(data.skipped["non-finite"]) == ["inf.wav", "nan.wav"]
+    assert np.isfinite(data.vectors).all() and len(data.files) == 7
+    loud = data.vectors[data.files.index("loud.wav")]
+    np.testing.assert_allclose(loud, c_wav(loop_audio(2, 120, 8), SR, n_bars=8), atol=1e-5)
+
+    trainer, module, datamodule, _ = run_train([
+        "experiment=loop_detector", f"datamodule.loops={folder}", f"datamodule.cache={tmp_path / 'cache.npz'}",
+        "datamodule.demo_root=null", f"run_dir={tmp_path / 'run'}", "logger=none", "trainer.accelerator=cpu",
+        "model.pretrain_epochs=2", "model.svdd_epochs=2", "callbacks.loop_analysis=null",
+        "trainer.enable_progress_bar=false",
+    ])
+    assert datamodule.skip_report() == data.skipped
+    tested = {key: value.item() for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
+    assert {"test/ae_loss", "test/svdd_loss", "test/score", "test/loop_rate"} <= set(tested)
+    assert all(np.isfinite(value) for value in tested.values()), tested
+    assert np.isfinite(module.threshold)

@@ -1,6 +1,8 @@
 """CNNVAE: shared conv stacks, finite per-cell loss, KL warm-up, sampling from the prior."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -104,6 +106,22 @@ def test_prior_samples_are_normalised_with_statistics_of_decoded_prior_latents()
                                           prior_statistics=True)) >= 0.5
     assert torch.equal(model.sample(3, torch.Generator().manual_seed(5)), expected)
 
+
+
+def test_prior_statistics_are_measured_through_synchronised_batchnorm_without_waiting_for_ranks():
+    """With trainer.sync_batchnorm=true the decoder holds SyncBatchNorm layers; calibrating them must
+    give the same statistics and must not start a collective (a rank samples on its own)."""
+    torch.manual_seed(2)
+    model = CNNVAE(channels=8, latent_dim=16, prior_calibration_samples=32).eval()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.decoder.modules())
+    expected, measured = model.prior_statistics(), synced.prior_statistics()
+    assert expected.keys() == measured.keys() and len(expected) > 0
+    for name in expected:
+        torch.testing.assert_close(measured[name], expected[name])
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(synced.decode(z, prior_statistics=True), model.decode(z, prior_statistics=True))
 
 def test_prior_statistics_follow_the_weights():
     torch.manual_seed(1)

@@ -144,7 +144,8 @@ def test_kept_samples_score_below_their_threshold_and_rows_match_a_direct_comput
     for threshold in (0.25, 0.245):
         loops = evaluation.sample(source, threshold)
         assert len(loops.phrases) > 0
-        assert torch.equal(loops.scores, detector.score_phrases(loops.phrases))
+        # Equal up to the rounding of a matrix product whose rows sat in other batches.
+        torch.testing.assert_close(loops.scores, detector.score_phrases(loops.phrases), rtol=1e-6, atol=0)
         assert (loops.scores < threshold).all()
 
     row = evaluation.row(source)

@@ -11,6 +11,7 @@ import torch
 import generate
 from callbacks.metrics import note_density, unique_pitch
 from datamodules.pianoroll import N_DRUM_CLASSES, midi_to_phrases, unpack_phrases
+from framework.seeding import sampling_generator
 from lightning_modules.loop_detector import LoopDetector
 from tests.helpers import save_checkpoint
 from tests.test_prior import save_tiny_vqvae, tiny_prior
@@ -50,7 +51,7 @@ def test_generate_writes_midi_previews_npz_and_summary(checkpoints, tmp_path, ca
 
     prior = tiny_prior(vqvae_ckpt=None)
     prior.load_state_dict(torch.load(checkpoints["prior"], weights_only=False)["state_dict"])
-    expected_codes = prior.sample_codes(6, torch.Generator().manual_seed(3), mode="top_p", top_p=0.6)
+    expected_codes = prior.sample_codes(6, sampling_generator(3), mode="top_p", top_p=0.6)
     arrays = np.load(out / "phrases.npz")
     assert np.array_equal(arrays["codes"], expected_codes.numpy())
     assert "scores" not in arrays

@@ -95,25 +95,26 @@ def test_radius_zero_contains_nothing_unless_distinct_neighbours():
     assert distinct["density"].item() >= 6 / 5
 
 
-@pytest.mark.parametrize("dense_fraction", [None, 10**9])
-def test_prdc_equals_reference_where_float32_cannot_decide(monkeypatch, dense_fraction):
+def test_prdc_equals_reference_where_float32_cannot_decide(monkeypatch):
     # The fake set sits far from the real mean, so its float32 squared distances carry errors far
     # larger than the gaps between neighbours: radii and ball memberships fall back to exact
-    # float64 distances, row by row and pair by pair, or block by block (forced by a huge
-    # dense fraction: any undecided pair then sends its whole block to the dense path).
-    if dense_fraction is not None:
-        monkeypatch.setattr(metrics, "_DENSE_CANDIDATE_FRACTION", dense_fraction)
+    # float64 distances pair by pair, and rows whose nearest neighbours cannot be told apart are
+    # computed again whole (in float32), in both sets.
     rng = np.random.default_rng(4)
     real = rng.standard_normal((200, 16)).astype(np.float32)
     fake = (rng.standard_normal((150, 16)) + 300).astype(np.float32)
     fake[:40] = (real[:40] + 300).astype(np.float32)
     real[150:] = fake[100:150] - 1e-3  # real points in the fake cloud, next to fakes
-    dense_shapes = []
-    dense = metrics._dense_squared_distances
-    monkeypatch.setattr(metrics, "_dense_squared_distances", lambda x, y: dense_shapes.append(len(y)) or dense(x, y))
+    whole_rows = []
+    settle = metrics._settle_radii
+    monkeypatch.setattr(metrics, "_settle_radii", lambda points, rows, values, *args: whole_rows.append(
+        (len(points), values.shape[1] == len(points))) or settle(points, rows, values, *args))
+    matmul_dtypes = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: matmul_dtypes.append(a.dtype) or mm(a, b, **kw))
     assert_matches_reference(real, fake, 5)
-    assert set(dense_shapes) >= {200, 150}  # radii of both sets
-    assert (dense_fraction is not None) == (dense_shapes.count(150) > 1)  # real-fake blocks
+    assert {(200, True), (150, True)} <= set(whole_rows)
+    assert set(matmul_dtypes) == {torch.float32}
 
 
 def distinct_neighbours_reference(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:

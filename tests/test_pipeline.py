@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import pipeline
 from framework.config import ConfigError
+from tests.helpers import REPO
 
 
 @pytest.mark.slow
@@ -27,6 +31,28 @@ def test_loop_generation_chain_runs_end_to_end(demo_root, tmp_path, capsys):
     assert (root / "evaluation" / "rejection.png").is_file()
     printed = capsys.readouterr().out
     assert str(root / "generated" / "midi") in printed and str(root / "evaluation") in printed
+
+
+@pytest.mark.slow
+def test_two_device_pipeline_runs_each_step_once_in_one_run_dir(demo_root, tmp_path):
+    """``devices=2`` without a run_dir, as a user would type it: the training steps run as
+    two-process jobs, everything else once, all in one timestamped run directory."""
+    command = [sys.executable, str(REPO / "pipeline.py"), "scale=tiny", "accelerator=cpu", "devices=2",
+               f"demo={demo_root}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    (root,) = (tmp_path / "runs" / "pipeline").iterdir()
+    assert sorted(p.name for p in root.iterdir()) == [
+        "cnn_vae", "codes", "detector", "evaluation", "extract", "generated", "loops", "musegan",
+        "music_transformer", "prior", "vqvae"]
+    assert len(list((root / "generated" / "midi").glob("*.mid"))) == 16
+    with open(root / "evaluation" / "table2.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 7
+    with open(root / "prior" / "csv" / "metrics.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert {"val/gen/loop_score", "val/gen/precision", "val/gen/coverage"} <= set(columns)
+    assert result.stdout.count("[9/10] generate") == 1 and "torch.distributed.run" in result.stdout
 
 
 @pytest.mark.slow

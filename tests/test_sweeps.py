@@ -56,11 +56,12 @@ def test_sweep_file_is_well_formed(sweep_file):
     sweep = yaml.safe_load(sweep_file.read_text())
     assert sweep["program"] == "train.py"
     assert "${args_no_hyphens}" in sweep["command"]
-    assert sweep["metric"]["name"].count("/") == 1
+    namespace, *rest = sweep["metric"]["name"].split("/")
+    assert namespace in ("train", "val", "test") and rest and all(rest)
 
 
 @pytest.mark.parametrize("sweep_file", SWEEPS, ids=[p.stem for p in SWEEPS])
-def test_agent_command_runs_and_logs_the_sweep_metric(sweep_file, monkeypatch, tmp_path, demo_root):
+def test_agent_command_runs_and_logs_the_sweep_metric(sweep_file, monkeypatch, tmp_path, demo_root, request):
     sweep = yaml.safe_load(sweep_file.read_text())
     proposal = {name: first_value(spec) for name, spec in sweep["parameters"].items()}
     command = render_agent_command(sweep, proposal, monkeypatch, tmp_path)
@@ -68,7 +69,8 @@ def test_agent_command_runs_and_logs_the_sweep_metric(sweep_file, monkeypatch, t
     assert [f"{k}={v}" for k, v in proposal.items()] == command[-len(proposal):]
     experiment = next(a.split("=", 1)[1] for a in command if a.startswith("experiment="))
     run_dir = tmp_path / "run"
-    run_train([*command[3:], *QUICK.get(experiment, []), "logger=csv", "trainer.accelerator=cpu",
+    inputs = [f"datamodule.codes={request.getfixturevalue('code_cache')}"] if experiment == "prior" else []
+    run_train([*command[3:], *QUICK.get(experiment, []), *inputs, "logger=csv", "trainer.accelerator=cpu",
                "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                f"run_dir={run_dir}", f"paths.demo={demo_root}"])
     with open(run_dir / "csv" / "metrics.csv") as handle:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from framework.config import CONFIG_DIR, ConfigError
-from tests.helpers import QUICK, run_train, run_train_subprocess
+from tests.helpers import QUICK, assert_succeeded, run_torchrun, run_train, run_train_subprocess
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -15,11 +15,11 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") 
 SMALL = ["experiment=loop_detector", "model.pretrain_epochs=1", "model.svdd_epochs=1", "trainer.accelerator=cpu"]
 
 
-def experiment_args(name: str, demo_root, tmp_path, request) -> list[str]:
+def experiment_args(name: str, demo_root, tmp_path, request, accelerator: str = "cpu") -> list[str]:
     """Arguments that let ``name`` run on the session's demo data; stages that consume another
     stage's output get it from a fixture."""
     args = [f"experiment={name}", f"paths.demo={demo_root}", f"run_dir={tmp_path / name}",
-            "trainer.accelerator=cpu", "trainer.fast_dev_run=true"]
+            f"trainer.accelerator={accelerator}", "trainer.fast_dev_run=true"]
     args += QUICK.get(name, [])
     if name == "extract_loops":
         args += [f"detector={request.getfixturevalue('detector_ckpt')}", f"out={tmp_path / 'loops'}"]
@@ -32,10 +32,27 @@ def experiment_args(name: str, demo_root, tmp_path, request) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_passes_fast_dev_run(name, demo_root, tmp_path, request):
-    trainer, *_ = run_train(experiment_args(name, demo_root, tmp_path, request))
+def precisions():
+    """Every experiment in float32 and in bf16-mixed. On CPUs without native bfloat16 (most x86
+    ones) its convolutions are emulated and run about 8x slower than float32, which makes the
+    mixers' bf16 runs (long audio convolutions) minutes long: those are marked slow."""
+    for name in EXPERIMENTS:
+        yield pytest.param(name, "32-true", id=f"{name}-32-true")
+        yield pytest.param(name, "bf16-mixed", id=f"{name}-bf16-mixed",
+                           marks=[pytest.mark.slow] if name.startswith("mixer") else [])
+
+
+@pytest.mark.parametrize(("name", "precision"), precisions())
+def test_every_experiment_passes_fast_dev_run(name, precision, demo_root, tmp_path, request):
+    trainer, *_ = run_train([*experiment_args(name, demo_root, tmp_path, request), f"trainer.precision={precision}"])
     assert trainer.state.finished
+    assert trainer.precision == precision
+    assert all(torch.isfinite(value).all() for value in trainer.callback_metrics.values())
+
+
+def test_batchnorm_sync_is_a_switch_that_needs_gpus(tmp_path):
+    with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
+        run_train([*SMALL, "trainer.sync_batchnorm=true", f"run_dir={tmp_path}"])
 
 
 def test_misspelt_key_fails_before_any_work(tmp_path):
@@ -87,6 +104,28 @@ def test_two_process_ddp_run_shares_rank_zeros_run_dir(demo_root, tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["config"]["trainer"]["devices"] == 2
     assert checkpoint["global_step"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_job_shares_rank_zeros_run_dir_and_draws_noise_per_rank(demo_root, tmp_path):
+    # As with Lightning's own launcher, a microsecond stamp would differ between the ranks.
+    assert_succeeded(run_torchrun([*SMALL[:-1], "logger=csv", f"paths.demo={demo_root}",
+                                   f"run_dir={tmp_path}/stamp-${{now:%f}}", "+callbacks.noise._target_=tests.helpers.RecordNoise"]))
+    (run_dir,) = tmp_path.glob("stamp-*")
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["config"]["run_dir"] == str(run_dir) and checkpoint["global_step"] > 0
+    # Training noise (dropout, a VAE's reparameterisation) differs between the ranks.
+    noise = [torch.load(run_dir / f"noise-rank{rank}.pt") for rank in range(2)]
+    assert not torch.equal(noise[0], noise[1])
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_whole_torchrun_job(demo_root, tmp_path):
+    result = run_torchrun([*SMALL[:-1], "model.pretrain_epochs=3", "logger=none", f"paths.demo={demo_root}",
+                           f"run_dir={tmp_path}", "datamodule.batch_size=16", "+callbacks.kill._target_=tests.helpers.KillRank"],
+                          timeout=300)
+    assert result.returncode != 0
+    assert "SIGKILL" in result.stdout + result.stderr
 
 
 @pytest.mark.slow

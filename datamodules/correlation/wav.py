@@ -81,7 +81,12 @@ def c_wav(audio: np.ndarray, sr: int, bpm: float | None = None, n_bars: int = N_
 
     The loop is cut into 8 bars (:func:`bar_segments`, tiling loops shorter than 8 bars), each bar
     becomes one 128-band mel power spectrum of the whole bar (:func:`bar_mel_spectra`), and the
-    result is the Pearson correlation between the bar spectra (:func:`pearson_upper`).
+    result is the Pearson correlation between the bar spectra (:func:`pearson_upper`). The bars
+    are first scaled to a peak of 1: the correlation ignores scale, and the power spectra of any
+    finite signal, however loud, stay finite.
     """
     segments = bar_segments(audio, sr, bpm=bpm, n_bars=n_bars)
+    peak = np.abs(segments).max()
+    if peak > 0:
+        segments = segments / peak
     return pearson_upper(bar_mel_spectra(segments, sr)).astype(np.float32)

@@ -17,6 +17,11 @@ summed across ranks before the EMA update, and restart vectors are drawn from th
 ranks' batches (rank order) with a generator seeded by (seed, step counter), identical on all
 ranks. Every rank therefore holds the same codebook after every step, equal to what one process
 would compute on the concatenated batches (up to the summation order of floating-point sums).
+
+A training step never waits for the device: the counts are accumulated with ``index_add_`` (no
+``bincount``, which reads the largest index back to the host), every entry gets a restart
+candidate and the dead ones take theirs through a mask (no ``nonzero``), and the random draws are
+made on the host and staged to the device asynchronously.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from framework.devices import float32_math, to_device_async
 
 
 class Quantized(NamedTuple):
@@ -80,6 +87,7 @@ class EMACodebook(nn.Module):
         self.eps = eps
         self.restart_threshold = restart_threshold
         self.seed = seed
+        self._host_steps: int | None = None  # ``steps`` mirrored on the host, read from it once
         self.register_buffer("embedding", torch.randn(num_codes, dim))
         self.register_buffer("ema_count", torch.zeros(num_codes))
         self.register_buffer("ema_sum", torch.zeros(num_codes, dim))
@@ -102,7 +110,7 @@ class EMACodebook(nn.Module):
         flat = self._flatten(z.detach())
         indices = self._nearest(flat)
         entries = self.embedding[indices]  # the entries the vectors were assigned to, before any update
-        counts = torch.bincount(indices, minlength=self.num_codes).float()
+        counts = torch.zeros(self.num_codes, device=flat.device).index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
         restarts = torch.zeros((), dtype=torch.long, device=z.device)
         if self.training:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
@@ -124,7 +132,7 @@ class EMACodebook(nn.Module):
         return z.transpose(1, 2).reshape(-1, self.dim).float()
 
     def _nearest(self, flat: Tensor) -> Tensor:
-        with torch.autocast(device_type=flat.device.type, enabled=False):
+        with float32_math():
             distances = (
                 flat.pow(2).sum(1, keepdim=True)
                 - 2 * flat @ self.embedding.t()
@@ -141,39 +149,55 @@ class EMACodebook(nn.Module):
 
     @torch.no_grad()
     def _update(self, flat: Tensor, counts: Tensor, sums: Tensor) -> Tensor:
-        """EMA update from this step's (rank-summed) statistics, restarts, new entries; returns the restart count."""
+        """EMA update from this step's (rank-summed) statistics, restarts, new entries; returns the
+        number of restarted entries (a device tensor)."""
+        step = self._steps_done()
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        dead = torch.nonzero(self.ema_count < self.restart_threshold).squeeze(1)
-        if dead.numel():  # the same on every rank: the counts were summed over ranks
-            vectors = self._restart_vectors(flat, dead.numel())
-            self.ema_count[dead] = self.restart_threshold
-            self.ema_sum[dead] = self.restart_threshold * vectors
+        dead = self.ema_count < self.restart_threshold  # the same on every rank: the counts were summed over ranks
+        candidates = self._restart_candidates(flat, step)
+        self.ema_count.masked_fill_(dead, self.restart_threshold)
+        self.ema_sum.copy_(torch.where(dead[:, None], self.restart_threshold * candidates, self.ema_sum))
         total = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (total + self.num_codes * self.eps) * total
         self.embedding.copy_(self.ema_sum / smoothed[:, None])
         self.steps += 1
-        return torch.tensor(dead.numel(), device=flat.device)
+        self._host_steps = step + 1
+        return dead.sum()
 
-    def _restart_vectors(self, flat: Tensor, count: int) -> Tensor:
-        """``count`` vectors drawn at random from the union of all ranks' ``flat`` (rank order),
-        identical on every rank: the draw uses a generator seeded by (seed, step), and each chosen
-        vector is contributed by the rank that holds it and summed over ranks (exact: the others add zeros)."""
-        sizes, rank = [flat.shape[0]], 0
+    def _steps_done(self) -> int:
+        """Training updates so far; the ``steps`` buffer is read once (at the first step, or after
+        a checkpoint is loaded), never per step."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None
+
+    def _restart_candidates(self, flat: Tensor, step: int) -> Tensor:
+        """One restart vector per entry, (K, D), drawn from the union of all ranks' ``flat`` (rank
+        order) and identical on every rank.
+
+        Entry k takes the vector at position ``draw_k mod total`` of the union, where ``draw`` are
+        K random integers from a CPU generator seeded by (seed, step) and ``total`` the union's
+        size; each rank contributes the chosen vectors it holds and the contributions are summed
+        over ranks (exact: the others add zeros). Sizes, offsets and positions stay on the device.
+        """
+        generator = torch.Generator().manual_seed((self.seed << 32) + step)
+        draws = torch.randint(2**62, (self.num_codes,), generator=generator)
+        draws = to_device_async(draws, flat.device)
+        size = torch.full((), flat.shape[0], device=flat.device)
+        offset, total = torch.zeros_like(size), size
         if _distributed():
-            gathered = [torch.zeros(1, dtype=torch.long, device=flat.device) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, torch.tensor([flat.shape[0]], device=flat.device))
-            sizes, rank = [int(s) for s in gathered], dist.get_rank()
-        total = sum(sizes)
-        generator = torch.Generator().manual_seed((self.seed << 32) + int(self.steps))
-        if total >= count:  # distinct vectors when the batch holds enough
-            choice = torch.randperm(total, generator=generator)[:count]
-        else:
-            choice = torch.randint(total, (count,), generator=generator)
-        local = choice.to(flat.device) - sum(sizes[:rank])
+            sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+            dist.all_gather(sizes, size)
+            sizes = torch.stack(sizes)
+            offset, total = sizes[: dist.get_rank()].sum(), sizes.sum()
+        local = draws % total - offset
         mine = (local >= 0) & (local < flat.shape[0])
-        vectors = torch.zeros(count, self.dim, device=flat.device)
-        vectors[mine] = flat[local[mine]]
+        vectors = torch.where(mine[:, None], flat[local.clamp(0, max(flat.shape[0] - 1, 0))], 0.0)
         if _distributed():
             dist.all_reduce(vectors)
         return vectors
