@@ -37,6 +37,7 @@ from lightning_modules.music_transformer import MusicTransformer
 from lightning_modules.musegan import MuseGAN
 from lightning_modules.prior import LSTMPrior
 from lightning_modules.sampling import SamplingSettings
+from lightning_modules.vqvae import VQVAE
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
 # The baselines in Table 2 order: checkpoint key, row name, class and the sampler that wraps it.
@@ -142,8 +143,12 @@ def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
         note("prior=null: the VQ-VAE+LSTM rows are skipped")
     else:
         prior = load_checkpoint(LSTMPrior, cfg.prior, device, "prior").eval()
-        if cfg.vqvae is not None:
-            prior.hparams.vqvae_ckpt = str(cfg.vqvae)
+        # The VQ-VAE is loaded now, not at the first decode, so a wrong or moved file fails in one line.
+        vqvae = cfg.vqvae if cfg.vqvae is not None else prior.hparams.vqvae_ckpt
+        if vqvae is None:
+            raise ConfigError(f"prior={cfg.prior} records no VQ-VAE checkpoint: pass vqvae=...")
+        prior.hparams.vqvae_ckpt = str(vqvae)
+        prior.attach_vqvae(load_checkpoint(VQVAE, vqvae, device, "vqvae" if cfg.vqvae is not None else None))
         for entry in OmegaConf.to_container(cfg.prior_sampling):
             sources.append(LoopSource(prior_row_name(entry), prior, sampling_settings(entry)))
     return sources

@@ -212,12 +212,13 @@ def test_bad_configuration_fails_naming_the_key(files, tmp_path, capsys, argumen
 
 
 @pytest.mark.parametrize("key, other", [("musegan", "cnn_vae"), ("music_transformer", "musegan"),
-                                        ("detector", "prior"), ("cnn_vae", "training")])
+                                        ("detector", "prior"), ("vqvae", "cnn_vae"), ("cnn_vae", "training")])
 def test_a_checkpoint_of_another_class_fails_in_one_line_naming_it(files, tmp_path, capsys, key, other):
     path = files[other] if other != "training" else str(tmp_path / "junk.ckpt")
     if other == "training":
         (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    assert evaluate.main([f"training={files['training']}", f"out={tmp_path / 'out'}", f"{key}={path}"]) == 2
+    given = [f"prior={files['prior']}"] if key == "vqvae" else []
+    assert evaluate.main([f"training={files['training']}", f"out={tmp_path / 'out'}", f"{key}={path}", *given]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
     assert len(errors) == 1 and errors[0].startswith(f"input error: {key}={path}: not a readable ")
     assert not (tmp_path / "out").exists()
