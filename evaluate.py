@@ -28,7 +28,7 @@ from callbacks.evaluation import (
     rejection_markdown, table2_markdown, table3_markdown, threshold_label, write_csv,
 )
 from datamodules.pianoroll import load_phrase_cache
-from framework.cli import check_checkpoints, check_output_folder, script_main
+from framework.cli import check_checkpoints, check_output_folder, load_checkpoint, script_main
 from framework.config import ConfigError, load_config as load_yaml_config
 from framework.io import atomic_path
 from lightning_modules.cnn_vae import CNNVAE
@@ -37,6 +37,7 @@ from lightning_modules.music_transformer import MusicTransformer
 from lightning_modules.musegan import MuseGAN
 from lightning_modules.prior import LSTMPrior
 from lightning_modules.sampling import SamplingSettings
+from lightning_modules.vqvae import VQVAE
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
 # The baselines in Table 2 order: checkpoint key, row name, class and the sampler that wraps it.
@@ -137,13 +138,17 @@ def load_sources(cfg: DictConfig, device: torch.device) -> list[LoopSource]:
         if cfg[key] is None:
             note(f"{key}=null: the {name} row is skipped")
         else:
-            sources.append(LoopSource(name, sampler(model_class.load_from_checkpoint(cfg[key], map_location=device))))
+            sources.append(LoopSource(name, sampler(load_checkpoint(model_class, cfg[key], device, key))))
     if cfg.prior is None:
         note("prior=null: the VQ-VAE+LSTM rows are skipped")
     else:
-        prior = LSTMPrior.load_from_checkpoint(cfg.prior, map_location=device).eval()
-        if cfg.vqvae is not None:
-            prior.hparams.vqvae_ckpt = str(cfg.vqvae)
+        prior = load_checkpoint(LSTMPrior, cfg.prior, device, "prior").eval()
+        # The VQ-VAE is loaded now, not at the first decode, so a wrong or moved file fails in one line.
+        vqvae = cfg.vqvae if cfg.vqvae is not None else prior.hparams.vqvae_ckpt
+        if vqvae is None:
+            raise ConfigError(f"prior={cfg.prior} records no VQ-VAE checkpoint: pass vqvae=...")
+        prior.hparams.vqvae_ckpt = str(vqvae)
+        prior.attach_vqvae(load_checkpoint(VQVAE, vqvae, device, "vqvae" if cfg.vqvae is not None else None))
         for entry in OmegaConf.to_container(cfg.prior_sampling):
             sources.append(LoopSource(prior_row_name(entry), prior, sampling_settings(entry)))
     return sources
@@ -171,7 +176,7 @@ def run(argv: Sequence[str]) -> dict:
     device = torch.device(cfg.device)
     training = load_training(cfg)
     n = resolve_n(cfg, len(training))
-    detector = LoopDetector.load_from_checkpoint(cfg.detector, map_location=device).eval() if cfg.detector else None
+    detector = load_checkpoint(LoopDetector, cfg.detector, device, "detector").eval() if cfg.detector else None
     if detector is None:
         note("detector=null: LS is left out and the rejection sweep is skipped")
     sources = load_sources(cfg, device)

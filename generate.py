@@ -29,7 +29,7 @@ from tqdm import tqdm
 from callbacks.media import pianoroll_grid, write_previews
 from callbacks.metrics import note_density, unique_pitch
 from datamodules.pianoroll import PACKED_BYTES, pack_phrases, phrases_to_midi
-from framework.cli import check_checkpoints, check_output_folder, script_main
+from framework.cli import check_checkpoints, check_output_folder, load_checkpoint, script_main
 from framework.config import ConfigError, load_config as load_yaml_config
 from framework.io import atomic_path
 from framework.seeding import sampling_generator
@@ -119,10 +119,10 @@ def run(argv: Sequence[str]) -> dict:
     check_checkpoints(cfg, ("prior", "vqvae", "detector"))
     check_output_folder(cfg.out, cfg.overwrite)
     device = torch.device(cfg.device)
-    prior = LSTMPrior.load_from_checkpoint(cfg.prior, map_location=device).eval()
+    prior = load_checkpoint(LSTMPrior, cfg.prior, device, "prior").eval()
     if cfg.vqvae is not None:
         prior.hparams.vqvae_ckpt = str(cfg.vqvae)
-    detector = LoopDetector.load_from_checkpoint(cfg.detector, map_location=device).eval() if cfg.detector else None
+    detector = load_checkpoint(LoopDetector, cfg.detector, device, "detector").eval() if cfg.detector else None
     loops = generate_loops(
         prior, cfg.n, sampling_generator(cfg.seed, 0, device), _sampling_arguments(cfg), cfg.batch_size,
         detector, cfg.reject.threshold, cfg.reject.max_rounds,

@@ -15,7 +15,6 @@ stems' length.
 """
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from datamodules.fxnorm.songs import STEMS, read_stem, stem_info
+from framework.cli import load_checkpoint
 from framework.errors import InputError
 from framework.io import atomic_path
 from lightning_modules.mixer import AutoMixer, mix_song
@@ -90,14 +90,7 @@ def read_stems(folder: str | Path, sample_rate: int, pad: bool = False) -> dict[
 def load_mixer(path: str | Path, device: torch.device | str = "cpu") -> AutoMixer:
     """The mixer of checkpoint ``path`` on ``device``, in eval mode; an :class:`InputError` naming the
     file when it is missing, cannot be read as an AutoMixer checkpoint, or holds a pretraining run."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        model = AutoMixer.load_from_checkpoint(path, map_location=device)
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
-            pickle.UnpicklingError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise InputError(f"{path}: not a readable AutoMixer checkpoint ({type(error).__name__}: {first_line})") from error
+    model = load_checkpoint(AutoMixer, path, device)
     if model.hparams.pretrain:
         raise InputError(f"{path} is a front-end pretraining checkpoint, not a mixer")
     return model.eval()

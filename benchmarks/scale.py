@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--phrases", type=int, default=PAPER_PHRASES, help="phrases in the cache extraction scores")
     parser.add_argument("--loops", type=int, default=PAPER_LOOPS, help="training loops evaluation compares with")
     parser.add_argument("--devices", type=int, default=2, help="extraction processes (ddp over gloo when > 1)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the caches go (default: a temporary folder)")
+    parser.add_argument("--workdir", type=Path, default=None, help="folder (made if missing) for the temporary folder of caches (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the caches and outputs in --workdir")
     parser.add_argument("--eval-arg", action="append", default=[], help="extra evaluate.py key=value (repeatable)")
     args = parser.parse_args()
@@ -204,6 +204,8 @@ def main() -> None:
         parser.error("--keep needs --workdir")
     threads = max(1, (os.cpu_count() or 1) // args.devices)
 
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="loopmix-scale-", dir=args.workdir))
     try:
         phrases = workdir / "phrases"

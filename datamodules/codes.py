@@ -33,6 +33,7 @@ from tqdm import tqdm
 from datamodules.pianoroll import load_phrase_cache, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
 from datamodules.splits import describe_split, song_split
+from framework.errors import InputError
 from framework.io import atomic_path
 from lightning_modules.vqvae import VQVAE
 
@@ -203,7 +204,7 @@ class CodeDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.codes_dir}: {n_codes} code sequences but {len(source_index)} sources.")
         splits = song_split(source_index, {"val": self.val_fraction}, self.seed)
         if len(splits["train"]) < 1 or (self.val_fraction > 0 and len(splits["val"]) < 1):
-            raise ValueError(
+            raise InputError(
                 f"{self.codes_dir}: {n_codes} code sequences are too few for val_fraction={self.val_fraction} "
                 f"by song ({describe_split(splits, source_index)})."
             )

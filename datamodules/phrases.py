@@ -18,6 +18,7 @@ from datamodules.demo import ensure_demo_input
 from datamodules.pianoroll import REPORT_NAME, PhraseCache, ingest, load_phrase_cache, unpack_first_steps, unpack_phrases
 from datamodules.sharding import UnpaddedShardSampler
 from datamodules.splits import describe_split, song_split
+from framework.errors import InputError
 
 
 class PackedPhrases(Dataset):
@@ -95,7 +96,7 @@ class PhraseDataModule(pl.LightningDataModule):
         splits = song_split(phrases.file_index, fractions, int(self.hparams.seed))
         wanted = ("train", "val", "test") if self.hparams.test_fraction > 0 else ("train", "val")
         if any(len(splits[name]) == 0 for name in wanted):
-            raise ValueError(
+            raise InputError(
                 f"phrase cache {self.cache} holds {len(phrases)} phrases of {len(np.unique(phrases.file_index))} "
                 f"files: too few for val_fraction={self.hparams.val_fraction}, test_fraction="
                 f"{self.hparams.test_fraction} by song ({describe_split(splits, phrases.file_index)})"

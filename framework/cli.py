@@ -1,6 +1,7 @@
 """What the thin top-level scripts share: exit codes for bad configs and output-folder checks."""
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,26 @@ def check_checkpoints(cfg: DictConfig, keys: Sequence[str]) -> None:
     for key in keys:
         if cfg[key] is not None and not Path(cfg[key]).is_file():
             raise ConfigError(f"{key}={cfg[key]}: no such checkpoint file")
+
+
+# What loading a file that is not a checkpoint of the expected class raises: unpickling errors,
+# missing hyperparameters or state-dict keys, mismatched shapes.
+CHECKPOINT_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+                     pickle.UnpicklingError)
+
+
+def load_checkpoint(module_class: type, path: str | Path, device: Any = "cpu", key: str | None = None):
+    """``module_class.load_from_checkpoint(path)`` on ``device``; an :class:`InputError` naming the
+    file (and the config ``key`` that gave it) when it is missing or is not a checkpoint of that class."""
+    where = f"{key}={path}" if key else str(path)
+    if not Path(path).is_file():
+        raise InputError(f"{where}: no such checkpoint file")
+    try:
+        return module_class.load_from_checkpoint(path, map_location=device)
+    except CHECKPOINT_ERRORS as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"{where}: not a readable {module_class.__name__} checkpoint "
+                         f"({type(error).__name__}: {first_line})") from error
 
 
 def check_output_folder(out: str | Path, overwrite: bool) -> None:

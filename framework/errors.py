@@ -5,3 +5,8 @@ from __future__ import annotations
 class InputError(ValueError):
     """A dataset file or folder that cannot be used: missing, unreadable, empty, or inconsistent
     with the rest of its song. The message names the file."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """An :class:`InputError` for a file or folder that does not exist; still a ``FileNotFoundError``
+    for callers that catch that."""

@@ -76,12 +76,13 @@ class CNNVAE(pl.LightningModule):
         return mu, F.softplus(sigma) + MIN_SIGMA
 
     def decode(self, z: Tensor, prior_statistics: bool = False) -> Tensor:
-        """Logits (B, 128, 57) for latents (B, latent_dim).
+        """Logits (B, 128, 57) for latents (B, latent_dim), taken in the weights' precision.
 
         In eval mode, ``prior_statistics=True`` normalises with the BatchNorm statistics of decoded
         prior samples (for latents drawn from N(0, I)); otherwise with the running statistics
         learnt in training (for latents from the posterior).
         """
+        z = z.to(self.from_latent.weight.dtype)
         features = self.from_latent(z).view(z.shape[0], self.hparams.channels, self.code_steps)
         if prior_statistics and not self.training:
             return functional_call(self.decoder, self.prior_statistics(), (features,)).transpose(1, 2)
@@ -104,9 +105,10 @@ class CNNVAE(pl.LightningModule):
     @torch.no_grad()
     def _measure_prior_statistics(self) -> dict[str, Tensor]:
         weight = self.from_latent.weight
-        generator = torch.Generator(weight.device).manual_seed(CALIBRATION_SEED)
-        z = torch.randn(self.hparams.prior_calibration_samples, self.hparams.latent_dim, generator=generator,
-                        device=weight.device, dtype=weight.dtype)
+        # Drawn on the CPU in float32, so every device and precision calibrates with the same latents.
+        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+        z = torch.randn(self.hparams.prior_calibration_samples, self.hparams.latent_dim, generator=generator)
+        z = z.to(weight.device, weight.dtype)
         features = self.from_latent(z).view(len(z), self.hparams.channels, self.code_steps)
         measured: dict[str, Tensor] = {}
 

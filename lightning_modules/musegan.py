@@ -103,7 +103,8 @@ class MuseGAN(pl.LightningModule):
         return torch.randn(shape, generator=generator, device=self._tensor_device)
 
     def forward(self, latents: Tensor) -> Tensor:
-        """Cell probabilities (n, 128, 57) for latents (n, 2 + 2 tracks, latent_dim)."""
+        """Cell probabilities (n, 128, 57) for latents (n, 2 + 2 tracks, latent_dim), taken in the weights' precision."""
+        latents = latents.to(next(self.generators.parameters()).dtype)
         shared, shared_temporal = latents[:, 0], latents[:, 1]
         tracks = [
             generator(shared, shared_temporal, latents[:, 2 + 2 * i], latents[:, 3 + 2 * i])

@@ -132,3 +132,15 @@ def test_prior_statistics_follow_the_weights():
         model.from_latent.weight.mul_(2.0)
     after = model.prior_statistics()
     assert after is not before and not torch.equal(after["1.1.running_var"], before["1.1.running_var"])
+
+
+@pytest.mark.parametrize("dtype, agreement", [(torch.float64, 0.999), (torch.bfloat16, 0.9)])
+def test_prior_samples_in_another_precision_match_float32(dtype, agreement):
+    """A model run in double or bfloat16 (trainer.precision=64-true / bf16-true) samples the phrases
+    of its float32 self, up to cells its rounding moves across the threshold."""
+    torch.manual_seed(2)
+    model = CNNVAE(channels=8, latent_dim=16, prior_calibration_samples=64).eval()
+    reference = model.sample(4, torch.Generator().manual_seed(6))
+    other = copy.deepcopy(model).to(dtype).sample(4, torch.Generator().manual_seed(6))
+    assert other.dtype == torch.bool and other.shape == reference.shape
+    assert (other == reference).float().mean().item() > agreement

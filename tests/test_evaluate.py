@@ -212,6 +212,19 @@ def test_bad_configuration_fails_naming_the_key(files, tmp_path, capsys, argumen
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, other", [("musegan", "cnn_vae"), ("music_transformer", "musegan"),
+                                        ("detector", "prior"), ("vqvae", "cnn_vae"), ("cnn_vae", "training")])
+def test_a_checkpoint_of_another_class_fails_in_one_line_naming_it(files, tmp_path, capsys, key, other):
+    path = files[other] if other != "training" else str(tmp_path / "junk.ckpt")
+    if other == "training":
+        (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    given = [f"prior={files['prior']}"] if key == "vqvae" else []
+    assert evaluate.main([f"training={files['training']}", f"out={tmp_path / 'out'}", f"{key}={path}", *given]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+    assert len(errors) == 1 and errors[0].startswith(f"input error: {key}={path}: not a readable ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_training_cache_and_occupied_output_fail_clearly(tmp_path, capsys):
     assert evaluate.main([f"training={tmp_path / 'none'}", f"out={tmp_path / 'out'}"]) == 2
     assert f"training={tmp_path / 'none'}: no phrase cache" in capsys.readouterr().err

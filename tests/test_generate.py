@@ -139,3 +139,11 @@ def test_a_non_empty_output_folder_is_kept_unless_overwrite(checkpoints, tmp_pat
     assert generate.main([f"prior={checkpoints['prior']}", f"out={tmp_path}", "n=1"]) == 2
     assert "overwrite=true" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("key, other", [("prior", "detector"), ("detector", "prior")])
+def test_a_checkpoint_of_another_class_fails_in_one_line_naming_it(checkpoints, tmp_path, capsys, key, other):
+    given = {"prior": checkpoints["prior"], key: checkpoints[other]}
+    assert generate.main([*(f"{k}={v}" for k, v in given.items()), f"out={tmp_path / 'out'}"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"input error: {key}={checkpoints[other]}: not a readable ")

@@ -125,6 +125,21 @@ def test_sampling_is_reproducible_and_the_checkpoint_samples_alone(tmp_path):
         model.sample(2, mode="argmax")
 
 
+def test_trains_and_samples_in_double_and_bfloat16():
+    """trainer.precision=64-true trains the networks in double; a bfloat16 copy samples (as under
+    bf16-true) the phrases of its float32 self up to cells its rounding moves across 0.5."""
+    model = small_gan()
+    quiet_trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0, precision="64-true").fit(
+        model, DataLoader(loop_phrases(15).float(), batch_size=3))
+    assert int(model.critic_updates) == 5
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
+    model = model.float().eval()
+    reference = model.sample(6, torch.Generator().manual_seed(1))
+    for dtype, agreement in ((torch.float64, 0.999), (torch.bfloat16, 0.9)):
+        other = copy.deepcopy(model).to(dtype).sample(6, torch.Generator().manual_seed(1))
+        assert other.dtype == torch.bool and (other == reference).float().mean().item() > agreement
+
+
 @pytest.mark.slow
 def test_two_process_ddp_training_keeps_the_ranks_in_step(demo_root, tmp_path):
     run_train_subprocess([

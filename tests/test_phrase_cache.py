@@ -252,3 +252,29 @@ def test_mutated_files_are_counted_skips_in_a_worker_that_survives(midi_folder, 
     report = json.loads((tmp_path / "cache" / "report.json").read_text())
     assert report["files_seen"] == 400 and not any(reason.startswith("parse_error") for reason in report["skipped"])
     assert report["files_used"] > 0 and len(report["skipped"]) >= 3
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut_short", "not_an_archive"])
+def test_rerun_remakes_a_damaged_shard(midi_folder, tmp_path, damage):
+    root, _ = midi_folder
+    out = _ingested(root, tmp_path / "cache", chunk_size=5)
+    reference = load_phrase_cache(out)
+    shard = out / "shard-000001.npz"
+    whole = shard.read_bytes()
+    shard.write_bytes({"empty": b"", "cut_short": whole[: len(whole) // 2], "not_an_archive": b"PK\x03\x04" + bytes(64)}[damage])
+
+    ingest(root, out, chunk_size=5, progress=False)
+    np.testing.assert_array_equal(load_phrase_cache(out).packed, reference.packed)
+
+
+@pytest.mark.parametrize("problem", ["missing_folder", "output_is_a_file", "chunk_size"])
+def test_command_line_errors_are_one_line(tmp_path, capsys, problem):
+    (tmp_path / "midi").mkdir()
+    (tmp_path / "a_file").write_text("")
+    src, out, extra = {"missing_folder": ("nowhere", "cache", []), "output_is_a_file": ("midi", "a_file", []),
+                       "chunk_size": ("midi", "cache", ["--chunk-size", "0"])}[problem]
+    with pytest.raises(SystemExit) as exit_:
+        pianoroll.main([str(tmp_path / src), str(tmp_path / out), *extra])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1
+    assert (str(tmp_path / src) if problem == "missing_folder" else "chunk_size" if problem == "chunk_size" else "a_file") in error

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from datamodules.pianoroll import load_phrase_cache, pack_phrases, write_phrase_cache
 from datamodules.phrases import PackedPhrases, PhraseDataModule
 from datamodules.splits import song_split
@@ -114,3 +115,20 @@ def test_prepare_data_ingests_a_missing_cache(tmp_path):
         song(tmp_path / "midi" / f"{i}.mid", bars=9)
     module = _ready(tmp_path / "cache", midi=str(tmp_path / "midi"), val_fraction=0.34)
     assert len(module.phrases) == 6 and len(module.splits["val"]) == 2 and len(_songs(module, "val")) == 1
+
+
+@pytest.mark.parametrize("problem", ["missing", "cut_short_shard", "bad_report", "report_without_shards", "one_song"])
+def test_unusable_cache_is_one_line_from_train_py(tmp_path, capsys, problem):
+    broken = tmp_path / "broken"
+    write_phrase_cache(broken, np.zeros((3, 912), np.uint8), ["a.mid"] * 3, [0, 1, 2])
+    shard = broken / "shard-000000.npz"
+    if problem == "missing":
+        broken = tmp_path / "nowhere"
+    elif problem == "cut_short_shard":
+        shard.write_bytes(shard.read_bytes()[:500])
+    elif problem in ("bad_report", "report_without_shards"):
+        (broken / "report.json").write_text("{" if problem == "bad_report" else "[]")
+    argv = ["experiment=vqvae", f"datamodule.cache={broken}", "datamodule.midi=null", f"run_dir={tmp_path / 'run'}", "logger=none"]
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and str(broken) in error and "Traceback" not in error

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import scale
 from benchmarks.scale import (
     evaluation_command, extraction_command, run_measured, small_generators, synthetic_detector, write_synthetic_cache,
 )
@@ -29,3 +30,17 @@ def test_peak_rss_of_extraction_and_evaluation_stays_flat_from_5k_to_500k_phrase
     bound = 0.2 * (LARGE - SMALL) * PACKED_BYTES
     for stage, small, large in zip(("extraction", "evaluation"), peaks[SMALL], peaks[LARGE]):
         assert large - small < bound, f"{stage}: peak RSS grew by {(large - small) / 2**20:.0f} MiB ({peaks})"
+
+
+def test_a_missing_workdir_is_made(tmp_path, monkeypatch):
+    class Written(Exception):
+        pass
+
+    def stop(folder, *args, **kwargs):
+        assert folder.parent.parent == tmp_path / "new" / "deeper"
+        raise Written
+
+    monkeypatch.setattr(scale, "write_synthetic_cache", stop)
+    monkeypatch.setattr("sys.argv", ["scale.py", "--phrases", "10", "--workdir", str(tmp_path / "new" / "deeper")])
+    with pytest.raises(Written):
+        scale.main()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from datamodules.pianoroll.layout import N_COLUMNS, PACKED_BYTES, PHRASE_STEPS
+from framework.errors import InputError, MissingInput
 from framework.io import atomic_path
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def _read_exactly(descriptor: int, buffer: np.ndarray, offset: int, path: Path) 
     while len(view):
         count = os.preadv(descriptor, [view], offset)
         if count == 0:
-            raise ValueError(f"{path}: the file ends inside its packed phrases (truncated shard)")
+            raise InputError(f"{path}: the file ends inside its packed phrases (truncated shard)")
         view, offset = view[count:], offset + count
 
 
@@ -264,18 +265,25 @@ def _packed_location(path: Path, archive: zipfile.ZipFile) -> tuple[int, int]:
 def _read_report(cache: Path) -> dict:
     report_path = Path(cache) / REPORT_NAME
     if not report_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no phrase cache at {cache} ({REPORT_NAME} missing): build one with "
             f"`python -m datamodules.pianoroll MIDI_FOLDER {cache}`"
         )
-    return json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{report_path}: not a readable phrase cache report ({type(error).__name__}: {error})") from error
+    if not isinstance(report, dict) or not isinstance(report.get("shards"), list):
+        raise InputError(f"{report_path}: not a phrase cache report (it lists no shards)")
+    return report
 
 
 def load_phrase_cache(cache: str | Path) -> PhraseCache:
     """The phrases of a cache folder written by ``ingest`` or ``write_phrase_cache``, in shard order.
 
     Reads the metadata of every phrase now and the packed phrases only when indexed
-    (:class:`PackedShards`); a shard that cannot be read fails naming it.
+    (:class:`PackedShards`); a missing cache or a shard that cannot be read is an
+    :class:`~framework.errors.InputError` naming it, which the scripts report in one line.
     """
     cache = Path(cache)
     shards, files, file_index, start_bars = [], [], [], []
@@ -287,9 +295,9 @@ def load_phrase_cache(cache: str | Path) -> PhraseCache:
                 offset, rows = _packed_location(path, arrays.zip)
                 phrase_file, bars, shard_files = arrays["phrase_file"], arrays["start_bars"], arrays["files"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise ValueError(f"{path}: not a readable phrase shard ({error})") from error
+            raise InputError(f"{path}: not a readable phrase shard ({error})") from error
         if len(phrase_file) != rows or len(bars) != rows or (rows and not 0 <= phrase_file.min() <= phrase_file.max() < len(shard_files)):
-            raise ValueError(f"{path}: its phrase metadata does not match its {rows} packed phrases")
+            raise InputError(f"{path}: its phrase metadata does not match its {rows} packed phrases")
         shards.append(ShardRows(path, offset, rows))
         files.append(shard_files.astype(str))
         file_index.append(phrase_file.astype(np.int64) + files_before)

@@ -8,6 +8,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -55,13 +56,14 @@ def _ingest_chunk(job: tuple[str, str, list[str]]) -> int:
 
 
 def _shard_is_current(shard: Path, files: list[str]) -> bool:
-    """True when a shard exists and was made from exactly these files (so a re-run may skip it)."""
+    """True when a shard exists and was made from exactly these files (so a re-run may skip it);
+    a damaged shard (empty, cut short, not an archive) is not current and is made again."""
     if not shard.is_file():
         return False
     try:
         with np.load(shard) as arrays:
             return arrays["files"].tolist() == files
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return False
 
 
@@ -136,13 +138,17 @@ def _summarise(shards: list[Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line; a missing MIDI folder or unusable output path ends it with one line (exit code 2)."""
     parser = argparse.ArgumentParser(prog="python -m datamodules.pianoroll", description="Convert a folder of MIDI files into a bass+drum phrase cache.")
     parser.add_argument("src", type=Path, help="folder searched recursively for .mid/.midi files")
     parser.add_argument("out", type=Path, help="cache folder (shards + report.json); an existing one is resumed")
     parser.add_argument("--workers", type=int, default=1, help="processes converting chunks in parallel")
     parser.add_argument("--chunk-size", type=int, default=256, help="files per shard")
     args = parser.parse_args(argv)
-    report = ingest(args.src, args.out, workers=args.workers, chunk_size=args.chunk_size)
+    try:
+        report = ingest(args.src, args.out, workers=args.workers, chunk_size=args.chunk_size)
+    except (OSError, ValueError) as error:  # a missing folder, an output path that is a file, a bad --chunk-size
+        parser.exit(2, f"{parser.prog}: {error}\n")
     print(
         f"{report['files_seen']} files, {report['files_used']} used, {report['phrases']} phrases; "
         f"skipped: {json.dumps(report['skipped'])}; report: {args.out / REPORT_NAME}"
