@@ -299,7 +299,9 @@ def test_validation_metrics_of_two_ranks_equal_one_process(experiment, demo_root
 
     alone, two = validation_metrics(tmp_path / "one"), validation_metrics(tmp_path / "two")
     assert {f"val/gen/{key}" for key in KEYS} <= set(alone)
-    if experiment == "cnn_vae":  # one reparameterisation draw per phrase, from each rank's own noise
+    if experiment == "cnn_vae":
+        # one reparameterisation draw per phrase, from each rank's own noise stream: the reconstruction
+        # terms are the same estimate from other draws; the deterministic values below must be equal
         for sampled in ("val/bce", "val/loss"):
-            assert two.pop(sampled) == pytest.approx(alone.pop(sampled), rel=1e-3)
+            assert two.pop(sampled) == pytest.approx(alone.pop(sampled), rel=1e-2)
     assert two == pytest.approx(alone, rel=1e-5, abs=1e-7)
