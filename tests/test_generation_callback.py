@@ -304,4 +304,5 @@ def test_validation_metrics_of_two_ranks_equal_one_process(experiment, demo_root
         # terms are the same estimate from other draws; the deterministic values below must be equal
         for sampled in ("val/bce", "val/loss"):
             assert two.pop(sampled) == pytest.approx(alone.pop(sampled), rel=1e-2)
-    assert two == pytest.approx(alone, rel=1e-5, abs=1e-7)
+    # abs: an untrained VAE's KL is ~2e-4, a float32 cancellation whose last digits depend on the batch shape
+    assert two == pytest.approx(alone, rel=1e-5, abs=1e-6)
