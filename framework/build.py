@@ -68,21 +68,27 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
-    """Checkpointing (``last.ckpt`` always; the best by ``checkpoint.monitor`` when set), the
+    """Checkpointing (the best by ``checkpoint.monitor`` when set, then ``last.ckpt``), the
     config-in-checkpoint hook, per-rank training noise, a learning-rate monitor, then the
-    experiment's own callbacks."""
+    experiment's own callbacks.
+
+    ``last.ckpt`` has its own callback: since Lightning 2.6 ``save_last=True`` rewrites it only at
+    steps where a top-k checkpoint is saved, so beside a monitor it would stay a copy of the best
+    and a resumed run would restart from that epoch. The best-checkpoint callback comes first so
+    that the state stored in ``last.ckpt`` already names the best of the final epoch.
+    """
     monitor = cfg.checkpoint.monitor
-    callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            filename="epoch={epoch:03d}-step={step:07d}",
-            auto_insert_metric_name=False,
-            monitor=monitor,
-            mode=cfg.checkpoint.mode,
-            save_top_k=1,
-            save_last=True,
-            every_n_epochs=cfg.checkpoint.every_n_epochs,
-        ),
+    every_n_epochs = cfg.checkpoint.every_n_epochs
+    dirpath = str(run_dir / "checkpoints")
+    callbacks: list[Callback] = []
+    if monitor:
+        callbacks.append(ModelCheckpoint(
+            dirpath=dirpath, filename="epoch={epoch:03d}-step={step:07d}", auto_insert_metric_name=False,
+            monitor=monitor, mode=cfg.checkpoint.mode, save_top_k=1, every_n_epochs=every_n_epochs,
+        ))
+    callbacks += [
+        ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                        every_n_epochs=every_n_epochs, enable_version_counter=False),
         ConfigInCheckpoint(cfg),
         RankSeeding(cfg.seed),
     ]
