@@ -27,6 +27,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.checkpoints import selected_checkpoint
 from framework.cli import check_output_folder, script_main
 from framework.config import ConfigError, apply_overrides
 from listening.analysis.report import analyse
@@ -111,17 +112,10 @@ def newest(paths) -> Path | None:
     return max(paths, key=lambda path: path.stat().st_mtime, default=None)
 
 
-def evaluation_checkpoint(folder: Path) -> Path | None:
-    """A training run's best checkpoint (the newest that is not ``last.ckpt``), else its ``last.ckpt``."""
-    best = newest(p for p in folder.glob("checkpoints/*.ckpt") if p.name != "last.ckpt")
-    last = folder / "checkpoints" / "last.ckpt"
-    return best or (last if last.is_file() else None)
-
-
 def demo_loop_systems(run: Path) -> dict[str, str]:
     systems = {"Training set": str(run / "loops"), "VQ-VAE+LSTM": str(run / "generated")}
     for step, name in DEMO_GENERATORS.items():
-        checkpoint = evaluation_checkpoint(run / step)
+        checkpoint = selected_checkpoint(run / step)
         if checkpoint is not None:
             systems[name] = str(checkpoint)
     return systems

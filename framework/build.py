@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from framework.checkpoints import LastCheckpoint
 from framework.config import ConfigError, to_container
 from framework.seeding import RankSeeding
 
@@ -68,15 +69,10 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | bool:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Callback]:
-    """Checkpointing (the best by ``checkpoint.monitor`` when set, then ``last.ckpt``), the
-    config-in-checkpoint hook, per-rank training noise, a learning-rate monitor, then the
-    experiment's own callbacks.
-
-    ``last.ckpt`` has its own callback: since Lightning 2.6 ``save_last=True`` rewrites it only at
-    steps where a top-k checkpoint is saved, so beside a monitor it would stay a copy of the best
-    and a resumed run would restart from that epoch. The best-checkpoint callback comes first so
-    that the state stored in ``last.ckpt`` already names the best of the final epoch.
-    """
+    """Checkpointing (the best by ``checkpoint.monitor`` when set, then ``last.ckpt``: see
+    :mod:`framework.checkpoints`), the config-in-checkpoint hook, per-rank training noise, a
+    learning-rate monitor, then the experiment's own callbacks. The best-checkpoint callback comes
+    first so that the state stored in ``last.ckpt`` already names the best of the same epoch."""
     monitor = cfg.checkpoint.monitor
     every_n_epochs = cfg.checkpoint.every_n_epochs
     dirpath = str(run_dir / "checkpoints")
@@ -87,8 +83,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, has_logger: bool) -> list[Ca
             monitor=monitor, mode=cfg.checkpoint.mode, save_top_k=1, every_n_epochs=every_n_epochs,
         ))
     callbacks += [
-        ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                        every_n_epochs=every_n_epochs, enable_version_counter=False),
+        LastCheckpoint(dirpath, every_n_epochs=every_n_epochs),
         ConfigInCheckpoint(cfg),
         RankSeeding(cfg.seed),
     ]

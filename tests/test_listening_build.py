@@ -341,12 +341,18 @@ def test_mixing_build_errors(mix_inputs, tmp_path):
     assert sorted(s["system"] for s in kit_test(tmp_path / "kit")["songs"][0]["stimuli"]) == ["fxnorm", "sum", "target"]
 
 
-def test_demo_takes_each_trained_generators_best_checkpoint(tmp_path):
-    for step, names in {"cnn_vae": ["last.ckpt", "epoch=003-step=0000040.ckpt"], "musegan": ["last.ckpt"],
-                        "music_transformer": []}.items():
-        (tmp_path / step / "checkpoints").mkdir(parents=True)
-        for name in names:
-            (tmp_path / step / "checkpoints" / name).touch()
+def test_demo_takes_the_checkpoint_each_generator_run_selected(tmp_path):
+    """The best recorded in last.ckpt when a monitor chose one (not merely a newer file), else last.ckpt."""
+    best = "epoch=003-step=0000040.ckpt"
+    selections = {"cnn_vae": {"monitor": "val/hamming", "best_model_path": f"elsewhere/{best}"},
+                  "musegan": {"monitor": None, "best_model_path": "last.ckpt"}}
+    for step, state in selections.items():
+        folder = tmp_path / step / "checkpoints"
+        folder.mkdir(parents=True)
+        torch.save({"callbacks": {f"ModelCheckpoint{{'monitor': {state['monitor']!r}}}": state}}, folder / "last.ckpt")
+        (folder / best).touch()
+        (folder / "epoch=009-step=0000090.ckpt").touch()  # a newer leftover file chooses nothing
+    (tmp_path / "music_transformer" / "checkpoints").mkdir(parents=True)
     assert listening_test.demo_loop_systems(tmp_path) == {
         "Training set": str(tmp_path / "loops"), "VQ-VAE+LSTM": str(tmp_path / "generated"),
         "CNN-VAE": str(tmp_path / "cnn_vae" / "checkpoints" / "epoch=003-step=0000040.ckpt"),
