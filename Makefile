@@ -19,7 +19,7 @@ demo: $(INSTALLED)
 	$(PY) pipeline.py
 
 demo-mixing: $(INSTALLED)
-	$(PY) pipeline.py 'steps=[mixer,wave_u_net,mix,evaluate_mix]'
+	$(PY) pipeline.py 'steps=[mixer_pretrain,mixer,wave_u_net,mix,evaluate_mix]'
 
 listening-test: $(INSTALLED)
 	$(PY) listening_test.py demo

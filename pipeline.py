@@ -12,8 +12,9 @@ outputs all land in ``run_dir``:
     codes/      VQ-VAE code cache
     generated/  MIDI loops, pianoroll grid, WAV previews, summary
     evaluation/ Tables 2-3 and the rejection sweep (Markdown, CSV, PNG)
-    mixer/ wave_u_net/ mixes/ evaluation_mix/   the automatic-mixing steps: the mixer and its
-                Wave-U-Net baseline, mixes of the dry songs, and the objective table on the test songs
+    mixer_pretrain/ mixer/ wave_u_net/ mixes/ evaluation_mix/   the automatic-mixing steps: the
+                front-end pretraining, the mixer started from it and its Wave-U-Net baseline, mixes of
+                the dry songs, and the objective table on the test songs
 
 Several devices (``devices=N``): each training step runs as its own job of N processes started by
 ``torchrun`` (``python -m torch.distributed.run --standalone``), so the pipeline itself stays one
@@ -39,6 +40,7 @@ import generate
 import mix
 import train
 from datamodules.codes import encode_phrase_cache
+from framework.checkpoints import selected_checkpoint
 from framework.cli import script_main
 from framework.config import ConfigError, load_config
 from lightning_modules.vqvae import VQVAE
@@ -149,10 +151,18 @@ class Pipeline:
         print(f"    python evaluate.py {' '.join(argv)}")
         _check(evaluate.main(argv), "evaluate.py")
 
+    def mixer_pretrain(self) -> None:
+        self.checkpoints["mixer_pretrain"] = evaluation_checkpoint(
+            self._train("mixer_pretrain", "mixer_pretrain", f"datamodule.root={self.cfg.multitrack}",
+                        f"datamodule.cache={self.cfg.normalised}"))
+
     def mixer(self) -> None:
+        # Started from the pretrained filter bank when the mixer_pretrain step ran, as in the paper.
+        pretrained = self.checkpoints.get("mixer_pretrain")
         self.checkpoints["mixer"] = evaluation_checkpoint(
             self._train("mixer", "mixer", f"datamodule.root={self.cfg.multitrack}",
-                        f"datamodule.cache={self.cfg.normalised}"))
+                        f"datamodule.cache={self.cfg.normalised}",
+                        *([f"model.init_from={pretrained}"] if pretrained else [])))
 
     def wave_u_net(self) -> None:
         self.checkpoints["wave_u_net"] = evaluation_checkpoint(
@@ -178,7 +188,7 @@ class Pipeline:
 
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "music_transformer", "musegan",
-                 "generate", "evaluate", "mixer", "wave_u_net", "mix", "evaluate_mix")
+                 "generate", "evaluate", "mixer_pretrain", "mixer", "wave_u_net", "mix", "evaluate_mix")
         unknown = [s for s in self.cfg.steps if s not in valid]
         if unknown:
             raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")
@@ -198,14 +208,11 @@ def cpu_seconds() -> float:
 
 
 def evaluation_checkpoint(run_dir: Path) -> str:
-    """The checkpoint a finished ``train.py`` run in ``run_dir`` selected: the best by its monitor,
-    read from the checkpoint callback's state in ``last.ckpt``, else ``last.ckpt`` itself."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    for name, callback in state.get("callbacks", {}).items():
-        if name.startswith("ModelCheckpoint") and callback.get("monitor") and callback.get("best_model_path"):
-            return callback["best_model_path"]
-    return str(last)
+    """The checkpoint the finished training step in ``run_dir`` selected (:func:`selected_checkpoint`)."""
+    checkpoint = selected_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints' / 'last.ckpt'}: the training step wrote no checkpoint")
+    return str(checkpoint)
 
 
 def run(argv: Sequence[str]) -> Pipeline:

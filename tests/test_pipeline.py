@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import pipeline
 from framework.config import ConfigError
@@ -59,14 +60,20 @@ def test_two_device_pipeline_runs_each_step_once_in_one_run_dir(demo_root, tmp_p
 def test_mixing_steps_train_both_mixers_mix_every_dry_song_and_evaluate_them(multitrack_root, tmp_path, capsys):
     root = tmp_path / "run"
     pipeline.run([f"run_dir={root}", f"multitrack={multitrack_root}/multitrack", f"dry={multitrack_root}/dry",
-                  f"normalised={tmp_path}/normalised", "steps=[mixer,wave_u_net,mix,evaluate_mix]", "scale=tiny",
+                  f"normalised={tmp_path}/normalised", "steps=[mixer_pretrain,mixer,wave_u_net,mix,evaluate_mix]",
+                  "scale=tiny",
                   "accelerator=cpu", "logger=none"])
     songs = sorted(p.name for p in (multitrack_root / "dry").iterdir())
     assert sorted(p.stem for p in (root / "mixes").glob("*.wav")) == songs
     with open(root / "evaluation_mix" / "table.csv") as handle:
         rows = {row["system"]: row for row in csv.DictReader(handle)}
     assert list(rows) == ["target", "sum", "fxnorm", "wave_u_net"] and float(rows["target"]["mape_mean"]) == 0
-    assert "Objective evaluation of the mixes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Objective evaluation of the mixes" in out
+    pretrained = pipeline.evaluation_checkpoint(root / "mixer_pretrain")
+    assert f"model.init_from={pretrained}" in out  # the mixer starts from the pretrained filter bank
+    mixer = torch.load(root / "mixer" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert mixer["hyper_parameters"]["init_from"] == pretrained
 
 
 def test_unknown_step_or_scale_fails_naming_the_valid_ones(tmp_path):
