@@ -154,7 +154,7 @@ class Pipeline:
     def mixer_pretrain(self) -> None:
         self.checkpoints["mixer_pretrain"] = evaluation_checkpoint(
             self._train("mixer_pretrain", "mixer_pretrain", f"datamodule.root={self.cfg.multitrack}",
-                        f"datamodule.cache={self.cfg.normalised}"))
+                        f"datamodule.cache={self.cfg.normalised}", "stages=[fit]"))
 
     def mixer(self) -> None:
         # Started from the pretrained filter bank when the mixer_pretrain step ran, as in the paper.
@@ -189,9 +189,16 @@ class Pipeline:
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
         valid = ("detector", "extract", "vqvae", "encode", "prior", "cnn_vae", "music_transformer", "musegan",
                  "generate", "evaluate", "mixer_pretrain", "mixer", "wave_u_net", "mix", "evaluate_mix")
-        unknown = [s for s in self.cfg.steps if s not in valid]
+        steps = list(self.cfg.steps)
+        unknown = [s for s in steps if s not in valid]
         if unknown:
             raise ConfigError(f"steps: unknown step(s) {unknown}; valid: {', '.join(valid)}.")
+        for step, needs in (("mixer_pretrain", "mixer"), ("mixer", "mix"), ("mixer", "evaluate_mix")):
+            if needs in steps and step in steps and steps.index(step) > steps.index(needs):
+                raise ConfigError(f"steps: {step} must come before {needs}, which uses its checkpoint.")
+        for needs in ("mix", "evaluate_mix"):
+            if needs in steps and "mixer" not in steps:
+                raise ConfigError(f"steps: {needs} needs the mixer step, which trains the mixer it uses.")
         return [(name, getattr(self, name)) for name in self.cfg.steps]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pipeline
-from framework.config import ConfigError
+from framework.config import ConfigError, compose, load_config
 from tests.helpers import REPO
 
 
@@ -83,3 +83,21 @@ def test_unknown_step_or_scale_fails_naming_the_valid_ones(tmp_path):
         pipeline.run([f"run_dir={tmp_path}", "scale=huge"])
     with pytest.raises(ConfigError, match="Valid keys at the top level"):
         pipeline.run([f"run_dir={tmp_path}", "midis=x"])
+
+
+def test_mixing_steps_out_of_order_or_without_the_mixer_fail_before_any_work(tmp_path):
+    for steps, message in [("[mixer,mixer_pretrain]", "mixer_pretrain must come before mixer"),
+                           ("[evaluate_mix,mixer]", "mixer must come before evaluate_mix"),
+                           ("[wave_u_net,mix]", "mix needs the mixer step")]:
+        with pytest.raises(ConfigError, match=message):
+            pipeline.run([f"run_dir={tmp_path}", f"steps={steps}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_paper_scale_pretrains_the_front_end_of_the_paper_mixer():
+    scales = load_config(pipeline.CONFIG).scales
+    for scale in ("demo", "paper"):
+        pretrain = compose(["experiment=mixer_pretrain", *scales[scale].mixer_pretrain])
+        mixer = compose(["experiment=mixer", *scales[scale].mixer])
+        for key in ("filters", "kernel_size", "envelope_kernel", "pool"):
+            assert pretrain.model.net[key] == mixer.model.net[key], (scale, key)
